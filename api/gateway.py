@@ -1,0 +1,224 @@
+"""The ingress logic, free of HTTP and of Ray: validate and template a request, route it, pick the pool
+that holds its experts, stream the answer, log it, count it. Ray Serve and the tests both drive this."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import time
+import uuid
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Protocol
+
+from sqlalchemy.orm import Session, sessionmaker
+from transformers import PreTrainedTokenizerBase
+
+from api.metrics import Metrics
+from api.privacy import loggable_prompt, prompt_hash
+from api.schemas import ChatCompletionRequest, CompletionRequest
+from core.errors import ExpertNotFoundError, InvalidInputError, MoEError, NotFoundError, PromptTooLongError
+from core.settings import Settings
+from experts.data import render_prompt, routing_text
+from registry import repository as repo
+from registry.request_log import RequestLogWriter
+from router.gate import BASE
+from router.service import RoutingService
+
+logger = logging.getLogger(__name__)
+
+
+class PoolClient(Protocol):
+    """A place that generates: an ExpertPool deployment handle, or an in-process engine in tests."""
+
+    name: str
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+
+    async def experts(self) -> list[str]: ...
+
+
+@dataclass
+class Dispatch:
+    """A validated request, ready to generate."""
+
+    request_id: str
+    endpoint: str
+    model: str
+    prompt_ids: list[int]
+    mixture: list[tuple[str, float]]
+    experts: list[tuple[str, float]]
+    """What the response reports (may include 'base')."""
+    router_version: int | None
+    confidence: float | None
+    forced: str | None
+    params: dict[str, Any]
+    route_text: str
+    """The user text the router read; this (not the templated prompt) is what the log keeps."""
+    pool: PoolClient
+    started: float = field(default_factory=time.perf_counter)
+
+
+class Gateway:
+    def __init__(
+        self,
+        settings: Settings,
+        sessions: sessionmaker[Session],
+        tokenizer: PreTrainedTokenizerBase,
+        routing: RoutingService,
+        pools: Sequence[PoolClient],
+        log_writer: RequestLogWriter,
+        metrics: Metrics | None = None,
+    ) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.tokenizer = tokenizer
+        self.routing = routing
+        self.pools = list(pools)
+        self.log_writer = log_writer
+        self.metrics = metrics or Metrics()
+        self._placement: dict[str, PoolClient] = {}
+        self._placement_at = 0.0
+
+    # ---- placement ---------------------------------------------------------------------
+    async def refresh_placement(self, force: bool = False) -> dict[str, PoolClient]:
+        if force or time.monotonic() - self._placement_at > 2.0:
+            placement: dict[str, PoolClient] = {}
+            for pool in self.pools:
+                for name in await pool.experts():
+                    placement.setdefault(name, pool)
+            self._placement, self._placement_at = placement, time.monotonic()
+        return self._placement
+
+    def served_experts(self) -> list[str]:
+        with self.sessions() as session:
+            return [e.name for e in repo.list_experts(session, ["active", "unrouted"])]
+
+    # ---- preparing ---------------------------------------------------------------------
+    def _tokens(self, text: str) -> list[int]:
+        ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        if len(ids) > self.settings.max_prompt_tokens:
+            raise PromptTooLongError(
+                f"The prompt has {len(ids)} tokens; the limit is {self.settings.max_prompt_tokens} "
+                "(MOE_MAX_PROMPT_TOKENS)."
+            )
+        return ids
+
+    def _params(self, body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+        max_tokens = body.max_tokens or min(self.settings.default_max_tokens, self.settings.max_new_tokens)
+        if max_tokens > self.settings.max_new_tokens:
+            raise InvalidInputError(
+                f"max_tokens={max_tokens} exceeds the limit {self.settings.max_new_tokens} (MOE_MAX_NEW_TOKENS)."
+            )
+        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
+                "stop": list(body.stop or []), "seed": body.seed}
+
+    async def prepare(self, body: ChatCompletionRequest | CompletionRequest) -> Dispatch:
+        if isinstance(body, ChatCompletionRequest):
+            messages = [m.model_dump() for m in body.messages]
+            prompt_text, route_text, endpoint = render_prompt(self.tokenizer, messages), routing_text(messages), "chat"
+        else:
+            prompt_text, route_text, endpoint = body.prompt, body.prompt, "completions"
+        prompt_ids = self._tokens(prompt_text)
+        params = self._params(body)
+        request_id = "req-" + uuid.uuid4().hex
+        placement = await self.refresh_placement()
+        if body.model == "auto":
+            # off the event loop: other requests keep streaming while this one is routed
+            decision = await asyncio.to_thread(self._route, route_text, None)
+            pool = None
+            if decision.mixture:
+                top = decision.mixture[0][0]
+                if top not in placement:  # a just-registered expert: the cached placement may be stale
+                    placement = await self.refresh_placement(force=True)
+                pool = placement.get(top)
+            # Keep the experts that live in the top expert's pool (top-k across pools would need two passes);
+            # an expert no pool serves is dropped and the bare backbone answers for its share.
+            mixture = [(n, w) for n, w in decision.mixture if pool is not None and placement.get(n) is pool]
+            experts, confidence, version, forced = decision.experts, decision.confidence, self.routing.version, None
+        elif body.model == BASE:
+            mixture, experts, confidence, version, forced = [], [(BASE, 1.0)], None, None, BASE
+            pool = None
+        else:
+            if body.model not in placement:
+                placement = await self.refresh_placement(force=True)
+            if body.model not in placement:
+                raise ExpertNotFoundError(
+                    f"The model {body.model!r} does not exist; GET /v1/models lists 'auto' and the experts."
+                )
+            mixture = experts = [(body.model, 1.0)]
+            confidence, version, forced, pool = None, None, body.model, placement[body.model]
+        if pool is None:
+            pool = self.pools[0]  # bare backbone: any pool serves it
+        return Dispatch(request_id, endpoint, body.model, prompt_ids, mixture, experts, version, confidence,
+                        forced, params, route_text, pool)
+
+    # ---- generating --------------------------------------------------------------------
+    async def stream(self, dispatch: Dispatch) -> AsyncIterator[dict[str, Any]]:
+        """Events from the pool: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+        payload = {"request_id": dispatch.request_id, "prompt_ids": dispatch.prompt_ids,
+                   "mixture": dispatch.mixture, "params": dispatch.params}
+        last: dict[str, Any] = {}
+        status, error = 200, None
+        try:
+            async for event in dispatch.pool.stream(payload):
+                last = event
+                if event.get("finish_reason") == "error":
+                    status, error = 500, event.get("error")
+                yield event
+        except MoEError as exc:
+            status, error = exc.status_code, exc.message
+            raise
+        except (asyncio.CancelledError, GeneratorExit):  # the client went away: logged as 499
+            status, error = 499, "client disconnected"
+            raise
+        except BaseException as exc:  # pool failure: still logged
+            status, error = 500, repr(exc)
+            raise
+        finally:
+            self.record(dispatch, last, status, error)
+
+    def record(self, dispatch: Dispatch, last: dict[str, Any], status: int, error: str | None) -> None:
+        latency_ms = (time.perf_counter() - dispatch.started) * 1000
+        completion_tokens = int(last.get("completion_tokens", 0))
+        self.log_writer.log({
+            "request_id": dispatch.request_id,
+            "endpoint": dispatch.endpoint,
+            "model": dispatch.model,
+            "forced_expert": dispatch.forced,
+            "experts": [{"name": n, "weight": round(w, 4)} for n, w in dispatch.experts],
+            "router_version": dispatch.router_version,
+            "confidence": dispatch.confidence,
+            "prompt": loggable_prompt(dispatch.route_text, self.settings),
+            "prompt_hash": prompt_hash(dispatch.route_text),
+            "prompt_tokens": len(dispatch.prompt_ids),
+            "completion_tokens": completion_tokens,
+            "latency_ms": latency_ms,
+            "status_code": status,
+            "error": error,
+        })
+        self.metrics.observe_request(
+            dispatch.endpoint, dispatch.experts[0][0] if dispatch.experts else BASE, status,
+            len(dispatch.prompt_ids), completion_tokens, latency_ms / 1000,
+        )
+
+    def _route(self, text: str, top_k: int | None):
+        self.routing.maybe_refresh()
+        return self.routing.route([text], top_k=top_k)[0]
+
+    async def route_only(self, text: str, top_k: int | None):
+        self._tokens(text)
+        decision = await asyncio.to_thread(self._route, text, top_k)
+        self.metrics.observe_route(decision.experts[0][0])
+        return decision
+
+    def feedback(self, request_id: str, expert: str | None, rating: float | None) -> int:
+        if expert is None and rating is None:
+            raise InvalidInputError("Send 'expert', 'rating', or both.")
+        self.log_writer.flush()  # the request may still sit in the log queue
+        with self.sessions.begin() as session:
+            if repo.get_request_log(session, request_id) is None:
+                raise NotFoundError(f"Request {request_id!r} is not in the request log.")
+            if expert is not None and expert != BASE and repo.get_expert(session, expert) is None:
+                raise ExpertNotFoundError(f"Expert {expert!r} does not exist.")
+            return repo.add_feedback(session, request_id, expert, rating).id

@@ -1,0 +1,121 @@
+"""An expert pool: one backbone, the adapters of the experts placed on it, one continuous-batching engine.
+It follows the registry: new or updated experts are loaded and retired ones dropped between decode steps,
+so requests in flight are never interrupted."""
+
+from __future__ import annotations
+
+import asyncio
+import fnmatch
+import logging
+from collections.abc import AsyncIterator, Sequence
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.settings import Settings
+from experts.adapters import load_validated
+from experts.backbone import Backbone
+from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
+from registry import repository as repo
+
+logger = logging.getLogger(__name__)
+
+SERVED_STATUSES = ("active", "unrouted")
+
+
+def placed_here(name: str, patterns: Sequence[str]) -> bool:
+    return any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+class ExpertPoolCore:
+    """The pool without Ray: tests and `moe eval` use it directly, the Ray deployment wraps it."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], backbone: Backbone, name: str = "default",
+                 patterns: Sequence[str] = ("*",), exclude: Sequence[str] = ()) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.backbone = backbone
+        self.name = name
+        self.patterns = list(patterns)
+        self.exclude = list(exclude)
+        self.engine = GenerationEngine(backbone, settings).start()
+        self.loaded: dict[str, int] = {}
+        self.failed: dict[str, str] = {}
+        self.sync()
+
+    def wanted(self) -> dict[str, tuple[int, str]]:
+        with self.sessions() as session:
+            experts = repo.list_experts(session, SERVED_STATUSES)
+            return {
+                e.name: (e.current_version, repo.current_version(session, e).adapter_path)
+                for e in experts
+                if e.current_version > 0 and placed_here(e.name, self.patterns)
+                and not placed_here(e.name, self.exclude)
+            }
+
+    def sync(self) -> dict[str, list[str]]:
+        """Make the loaded adapters match the registry; returns what changed."""
+        wanted = self.wanted()
+        added, removed = [], []
+        for name, (version, path) in wanted.items():
+            if self.loaded.get(name) == version or self.failed.get(name) == f"v{version}":
+                continue
+            try:
+                self.engine.add_adapter(load_validated(Path(path), name, self.backbone, self.settings))
+            except Exception as exc:  # a broken adapter must not take the pool down
+                logger.error("Pool %s cannot load %s v%d: %s", self.name, name, version, exc)
+                self.failed[name] = f"v{version}"
+                continue
+            self.loaded[name] = version
+            added.append(name)
+        for name in [n for n in self.loaded if n not in wanted]:
+            self.engine.remove_adapter(name)
+            del self.loaded[name]
+            removed.append(name)
+        if added or removed:
+            logger.info("Pool %s: loaded %s, dropped %s", self.name, added, removed)
+        return {"added": added, "removed": removed}
+
+    def experts(self) -> list[str]:
+        return sorted(self.loaded)
+
+    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        params = dict(payload.get("params") or {})
+        params["stop"] = tuple(params.get("stop") or ())
+        request = GenerationRequest(
+            prompt_ids=list(payload["prompt_ids"]),
+            mixture=[(str(n), float(w)) for n, w in payload.get("mixture") or []],
+            params=SamplingParams(**params),
+            request_id=payload.get("request_id") or GenerationRequest([0]).request_id,
+        )
+        async for event in self.engine.stream(request):
+            yield asdict(event)
+
+    def close(self) -> None:
+        self.engine.stop()
+
+
+class LocalPoolClient:
+    """PoolClient over an in-process pool (tests, single-process tools)."""
+
+    def __init__(self, core: ExpertPoolCore) -> None:
+        self.core = core
+        self.name = core.name
+
+    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
+        return self.core.stream(payload)
+
+    async def experts(self) -> list[str]:
+        return self.core.experts()
+
+
+async def sync_forever(core: ExpertPoolCore, every_s: float) -> None:
+    """Hot reload: poll the registry (cheap) and apply changes between decode steps."""
+    while True:
+        await asyncio.sleep(every_s)
+        try:
+            await asyncio.to_thread(core.sync)
+        except Exception:
+            logger.exception("Pool %s: registry sync failed", core.name)

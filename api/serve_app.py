@@ -1,0 +1,168 @@
+"""Ray Serve deployments: the ingress (FastAPI via `serve.ingress`, router inside) and one ExpertPool
+deployment per pool of the deploy config. `build_app(settings)` returns the application; `serve run
+api.serve_app:app` and the Serve config in deploy/ use the same builder."""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+from typing import Any
+
+import torch
+import yaml
+from pydantic import BaseModel, Field
+from ray import serve
+from ray.serve.exceptions import BackPressureError
+from ray.serve.handle import DeploymentHandle
+
+from api.app import create_app
+from api.gateway import Gateway
+from api.pool import ExpertPoolCore, sync_forever
+from core.device import apply_thread_settings
+from core.errors import OverloadedError
+from core.settings import Settings
+from experts.backbone import load_backbone
+from registry.db import session_factory
+from registry.request_log import RequestLogWriter
+from router.service import RoutingService
+
+logger = logging.getLogger(__name__)
+
+APP_NAME = "moe"
+DEFAULT_POOLS = Path(__file__).resolve().parent.parent / "deploy" / "pools.yaml"
+
+
+class PoolConfig(BaseModel):
+    """One ExpertPool deployment: which experts it holds and the resources of its replicas."""
+
+    name: str = Field(pattern=r"^[a-z][a-z0-9-]{0,31}$", description="Pool name (deployment ExpertPool-<name>).")
+    experts: list[str] = Field(default=["*"], description="Expert names or glob patterns placed on this pool.")
+    exclude: list[str] = Field(default=[], description="Patterns kept off this pool (placed on another).")
+    num_replicas: int | str = Field(default=1, description="Replicas, or 'auto' to autoscale.")
+    num_cpus: float = Field(default=1.0, ge=0, description="CPUs per replica.")
+    num_gpus: float = Field(default=0.0, ge=0, description="GPUs per replica (production GPU pools).")
+    max_ongoing_requests: int = Field(default=64, ge=1, description="Requests one replica accepts at once.")
+    max_queued_requests: int = Field(
+        default=256, ge=-1, description="Requests waiting for a replica before callers get 503 (-1 = unbounded)."
+    )
+    torch_threads: int = Field(
+        default=0, ge=0, description="torch threads per replica; 0 = Ray's choice (1 for fractional num_cpus)."
+    )
+    autoscaling_config: dict[str, Any] | None = Field(default=None, description="Ray Serve autoscaling config.")
+
+
+class DeployConfig(BaseModel):
+    """The placement file (deploy/pools.yaml, or MOE_DEPLOY_CONFIG)."""
+
+    ingress_replicas: int = Field(default=1, ge=1, description="Ingress replicas (each holds the router).")
+    ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs per ingress replica.")
+    pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="default")], min_length=1)
+
+
+def load_deploy_config(settings: Settings) -> DeployConfig:
+    path = settings.deploy_config or DEFAULT_POOLS
+    if path.is_file():
+        return DeployConfig.model_validate(yaml.safe_load(path.read_text()) or {})
+    return DeployConfig()
+
+
+@serve.deployment(name="ExpertPool", health_check_period_s=10, health_check_timeout_s=30)
+class ExpertPool:
+    """Holds the backbone and the adapters of its experts; batches across experts inside the engine."""
+
+    def __init__(self, settings: dict[str, Any], pool: dict[str, Any]) -> None:
+        self.settings = Settings(**settings)
+        config = PoolConfig(**pool)
+        apply_thread_settings(self.settings)
+        if config.torch_threads:
+            torch.set_num_threads(config.torch_threads)
+        sessions = session_factory(self.settings, run_migrations=False)
+        self.core = ExpertPoolCore(self.settings, sessions, load_backbone(self.settings), config.name,
+                                   config.experts, config.exclude)
+        self._sync = asyncio.get_event_loop().create_task(sync_forever(self.core, 2.0))
+
+    async def generate(self, payload: dict[str, Any]):
+        async for event in self.core.stream(payload):
+            yield event
+
+    async def experts(self) -> list[str]:
+        return self.core.experts()
+
+    async def sync(self) -> dict[str, list[str]]:
+        return await asyncio.to_thread(self.core.sync)
+
+    def check_health(self) -> None:
+        if not self.core.engine.running:
+            raise RuntimeError("engine thread stopped")
+
+
+class RayPoolClient:
+    """PoolClient over an ExpertPool deployment handle."""
+
+    def __init__(self, handle: DeploymentHandle, name: str) -> None:
+        self.handle = handle
+        self.name = name
+
+    async def stream(self, payload: dict[str, Any]):
+        try:
+            async for event in self.handle.options(stream=True).generate.remote(payload):
+                yield event
+        except BackPressureError as exc:
+            raise OverloadedError(f"Pool {self.name} is at capacity (max_queued_requests); retry later.") from exc
+
+    async def experts(self) -> list[str]:
+        return await self.handle.experts.remote()
+
+
+@serve.deployment(name="Ingress")
+@serve.ingress()
+class Ingress:
+    """FastAPI ingress: validation, auth, templating, routing (the router lives here), dispatch, logging."""
+
+    def __init__(self, settings: dict[str, Any], pool_names: list[str], *pools: DeploymentHandle) -> None:
+        self.settings = Settings(**settings)
+        apply_thread_settings(self.settings)
+        sessions = session_factory(self.settings, run_migrations=False)
+        backbone = load_backbone(self.settings)  # the router's own copy, truncated to the layers it needs
+        routing = RoutingService(self.settings, sessions, backbone.model, backbone.tokenizer, own_backbone=True)
+        routing.refresh()
+        writer = RequestLogWriter(sessions, self.settings.spill_dir / "requests.jsonl",
+                                  self.settings.log_flush_ms).start()
+        clients = [RayPoolClient(h, n) for h, n in zip(pools, pool_names, strict=True)]
+        self.gateway = Gateway(self.settings, sessions, backbone.tokenizer, routing, clients, writer)
+
+    def __serve_build_asgi_app__(self):
+        return create_app(lambda: self.gateway)
+
+    def __del__(self) -> None:
+        gateway = getattr(self, "gateway", None)
+        if gateway is not None:
+            gateway.log_writer.stop()
+
+
+def build_app(settings: Settings):
+    """The Serve application graph: Ingress -> ExpertPool-<name> for every pool."""
+    deploy = load_deploy_config(settings)
+    payload = settings.payload()
+    pools = []
+    for pool in deploy.pools:
+        options: dict[str, Any] = {
+            "name": f"ExpertPool-{pool.name}",
+            "ray_actor_options": {"num_cpus": pool.num_cpus, "num_gpus": pool.num_gpus},
+            "max_ongoing_requests": pool.max_ongoing_requests,
+            "max_queued_requests": pool.max_queued_requests,
+        }
+        if pool.autoscaling_config:
+            options["autoscaling_config"] = pool.autoscaling_config
+        else:
+            options["num_replicas"] = pool.num_replicas
+        pools.append(ExpertPool.options(**options).bind(payload, pool.model_dump()))
+    return Ingress.options(
+        num_replicas=deploy.ingress_replicas, ray_actor_options={"num_cpus": deploy.ingress_num_cpus},
+    ).bind(payload, [p.name for p in deploy.pools], *pools)
+
+
+def app_builder(args: dict[str, str] | None = None):
+    """Entry for `serve run api.serve_app:app_builder` and Serve config files (import_path)."""
+    return build_app(Settings(**(args or {})))

@@ -1,0 +1,1 @@
+"""Cross-cutting pieces: the settings object, typed errors, device and dtype choice."""

@@ -1,0 +1,92 @@
+"""Typed errors. Each carries the HTTP status it maps to; `api.errors` is the one place that maps them.
+
+Messages say what to change (a setting, a file, a name), so a user can act on them.
+"""
+
+from __future__ import annotations
+
+
+class MoEError(Exception):
+    """Base of every error this project raises on purpose."""
+
+    status_code: int = 500
+    code: str = "internal_error"
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class InvalidInputError(MoEError):
+    """The caller sent something malformed or out of limits."""
+
+    status_code = 400
+    code = "invalid_request"
+
+
+class PromptTooLongError(InvalidInputError):
+    """The prompt exceeds `MOE_MAX_PROMPT_TOKENS`."""
+
+
+class DataFormatError(InvalidInputError):
+    """A data file cannot be read as expert training or evaluation data."""
+
+
+class InvalidNameError(InvalidInputError):
+    """An expert name breaks the naming rules."""
+
+
+class AdapterValidationError(InvalidInputError):
+    """An adapter does not fit the backbone or breaks the safety rules."""
+
+
+class UnauthorizedError(MoEError):
+    status_code = 401
+    code = "unauthorized"
+
+
+class ForbiddenError(MoEError):
+    status_code = 403
+    code = "forbidden"
+
+
+class NotFoundError(MoEError):
+    status_code = 404
+    code = "not_found"
+
+
+class ExpertNotFoundError(NotFoundError):
+    code = "expert_not_found"
+
+
+class ConflictError(MoEError):
+    status_code = 409
+    code = "conflict"
+
+
+class OverloadedError(MoEError):
+    """Too many requests are waiting; the client should retry later."""
+
+    status_code = 503
+    code = "overloaded"
+
+    def __init__(self, message: str, retry_after: float = 1.0) -> None:
+        super().__init__(message)
+        self.retry_after = retry_after
+
+
+class RateLimitedError(OverloadedError):
+    status_code = 429
+    code = "rate_limited"
+
+
+class ModelUnavailableError(MoEError):
+    """A model or package the configuration names is not installed or not in the local cache."""
+
+    status_code = 503
+    code = "model_unavailable"
+
+
+class RouterNotTrainedError(MoEError):
+    status_code = 409
+    code = "router_not_trained"

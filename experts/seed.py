@@ -1,0 +1,65 @@
+"""The packaged seed data of the four default domains, with a fixed train/validation split.
+
+The split is a pure function of the text (SHA-1 of the normalised text, one in five to validation), so it
+never changes between runs or machines and needs no second copy of the files.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+from experts.data import ChatExample, load_examples, load_texts
+
+SEED_DIR = Path(__file__).with_name("seed_data")
+DEFAULT_ADAPTERS_DIR = Path(__file__).with_name("default_adapters")
+DEFAULT_ROUTER_DIR = DEFAULT_ADAPTERS_DIR / "router"
+BASE_LABEL = "base"
+GENERAL_DIR = "general"
+"""Seed prompts that belong to no domain: the router's 'base' column learns from them."""
+
+DEFAULT_DOMAINS: dict[str, str] = {
+    "medical": "Health: symptoms, conditions, medications, test results, pregnancy, mental health, first aid.",
+    "finance": "Money: personal finance, banking, credit, loans, investing, retirement, taxes, insurance products.",
+    "legal": "Law and rights: contracts, tenancy, employment, family, estates, criminal, immigration, IP.",
+    "support": "Customer support: orders, delivery, returns, refunds, accounts, billing, technical trouble.",
+}
+
+
+def is_validation(text: str) -> bool:
+    digest = hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
+    return digest[0] % 5 == 0
+
+
+def split_examples(examples: list[ChatExample]) -> tuple[list[ChatExample], list[ChatExample]]:
+    """Fixed split of user data; guarantees at least one validation example when there are two or more."""
+    train = [e for e in examples if not is_validation(e.routing_text)]
+    val = [e for e in examples if is_validation(e.routing_text)]
+    if not val and len(train) >= 2:
+        val = [train.pop()]
+    return train, val
+
+
+def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
+    return [t for t in texts if not is_validation(t)], [t for t in texts if is_validation(t)]
+
+
+def seed_qa(domain: str) -> tuple[list[ChatExample], list[ChatExample]]:
+    return split_examples(load_examples(SEED_DIR / domain / "qa.jsonl"))
+
+
+def seed_prompts(domain: str) -> tuple[list[str], list[str]]:
+    """Routing prompts of a domain (or of 'general' for the base column): prompts.jsonl plus, for expert
+    domains, the QA prompts, deduplicated."""
+    texts = load_texts(SEED_DIR / domain / "prompts.jsonl")
+    qa = SEED_DIR / domain / "qa.jsonl"
+    if qa.is_file():
+        texts += [e.routing_text for e in load_examples(qa)]
+    seen: set[str] = set()
+    unique = []
+    for text in texts:
+        key = " ".join(text.lower().split())
+        if key not in seen:
+            seen.add(key)
+            unique.append(text)
+    return split_texts(unique)

@@ -1,0 +1,87 @@
+"""Reproduce the shipped default adapters from the packaged seed data:
+
+    python -m pipelines.train_default_experts [--domains medical finance] [--epochs 3] [--router]
+    python -m pipelines.train_default_experts --domains --router     # only the router
+
+Each domain is one MLflow run; adapters are written as bf16 safetensors into experts/default_adapters/
+and the held-out figures into experts/default_adapters/metrics.json. `--router` then trains the default
+router with the same pipeline as `moe router train` (in a scratch registry) into default_adapters/router/.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import shutil
+import tempfile
+from pathlib import Path
+
+import torch
+
+from core.settings import Settings
+from experts.backbone import load_backbone
+from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_DOMAINS, DEFAULT_ROUTER_DIR, seed_qa
+from experts.training import TrainConfig
+from pipelines.bootstrap import register_default_experts
+from pipelines.tracking import mlflow_run
+from pipelines.train_expert import train_adapter
+from pipelines.train_router import backbone_encoder, train_router
+from registry.db import session_factory
+
+logger = logging.getLogger(__name__)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--domains", nargs="*", default=list(DEFAULT_DOMAINS), choices=list(DEFAULT_DOMAINS))
+    parser.add_argument("--router", action="store_true", help="also train the shipped default router")
+    parser.add_argument("--epochs", type=int, default=3)
+    parser.add_argument("--learning-rate", type=float, default=3e-4)
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    settings = Settings()
+    backbone = load_backbone(settings)
+    metrics_path = DEFAULT_ADAPTERS_DIR / "metrics.json"
+    metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
+    config = TrainConfig(epochs=args.epochs, learning_rate=args.learning_rate)
+    for domain in args.domains:
+        train, val = seed_qa(domain)
+        with mlflow_run(settings, run_name=f"default-expert:{domain}", tags={"kind": "train_expert"}):
+            result = train_adapter(
+                settings, backbone, domain, train, val, DEFAULT_ADAPTERS_DIR / domain, config, save_dtype=torch.bfloat16
+            )
+        metrics[domain] = {
+            "eval_loss_base": round(result.base_loss, 4),
+            "eval_loss_expert": round(result.expert_loss, 4),
+            "reduction": round(result.reduction, 4),
+            "n_train": result.n_train,
+            "n_val": result.n_val,
+            "steps": result.steps,
+            "seconds": round(result.seconds, 1),
+        }
+        metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
+    logger.info("Default experts: %s", json.dumps(metrics))
+    if args.router:
+        train_default_router(settings, backbone)
+
+
+def train_default_router(settings: Settings, backbone) -> None:
+    with tempfile.TemporaryDirectory() as scratch:
+        local = settings.model_copy(update={"home": Path(scratch)})
+        sessions = session_factory(local)
+        register_default_experts(local, sessions, backbone)
+        report = train_router(local, sessions, backbone_encoder(local, backbone), backbone.fingerprint,
+                              promote="always")
+        shutil.rmtree(DEFAULT_ROUTER_DIR, ignore_errors=True)
+        shutil.copytree(report.path, DEFAULT_ROUTER_DIR)
+        (DEFAULT_ROUTER_DIR / "report.json").unlink(missing_ok=True)
+        config = json.loads((DEFAULT_ROUTER_DIR / "router.json").read_text())
+        config["metrics"] = {k: v for k, v in report.metrics.items() if k != "confusion"}
+        (DEFAULT_ROUTER_DIR / "router.json").write_text(json.dumps(config, indent=2, sort_keys=True))
+    logger.info("Default router: accuracy %.3f on %d held-out prompts", report.metrics["accuracy"],
+                report.metrics["n"])
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,240 @@
+"""Verb: train a router version on the registry's labelled routing prompts, compare it with the active
+router on the same held-out set, and promote it only when it wins.
+
+Promotion rule (issues 3, 5, 6): there is no active router; or the candidate's accuracy is not lower than
+the active one's, no label's recall drops by more than 2 points, and every label new to the router reaches
+at least 90% recall. Experts the router learned are then switched from `unrouted` to `active`.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import tempfile
+from collections import Counter
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import torch
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import InvalidInputError
+from core.settings import Settings
+from pipelines.plots import save_confusion_matrix
+from pipelines.tracking import mlflow_run
+from registry import repository as repo
+from router.augment import augment
+from router.feature_cache import FeatureCache
+from router.features import FeatureEncoder
+from router.gate import BASE, Router
+from router.training import RouterTrainConfig, evaluate, train_router_on_features
+
+logger = logging.getLogger(__name__)
+
+MAX_RECALL_DROP = 0.02
+MIN_NEW_RECALL = 0.90
+
+Encode = Callable[[Sequence[str], int], torch.Tensor]
+"""(texts, layer) -> features [N, H]."""
+
+
+@dataclass
+class LabelledSet:
+    texts: list[str] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
+    sources: list[str] = field(default_factory=list)
+
+    def add(self, text: str, label: str, source: str) -> None:
+        self.texts.append(text)
+        self.labels.append(label)
+        self.sources.append(source)
+
+
+@dataclass
+class RouterReport:
+    version: int
+    promoted: bool
+    reasons: list[str]
+    metrics: dict
+    active_version: int | None
+    active_metrics: dict | None
+    run_id: str | None
+    path: str
+
+
+def make_encoder(model, tokenizer, cache_dir: Path | None = None, fingerprint: str = "") -> Encode:
+    """(texts, layer) -> features; with `cache_dir`, features are cached on disk per backbone and layer."""
+    encoders: dict[int, FeatureEncoder] = {}
+    caches: dict[int, FeatureCache] = {}
+
+    def encode(texts: Sequence[str], layer: int) -> torch.Tensor:
+        if layer not in encoders:
+            encoders[layer] = FeatureEncoder(model, tokenizer, layer)
+        run = encoders[layer].encode
+        if cache_dir is None:
+            return run(list(texts), progress=len(texts) > 256)
+        if layer not in caches:
+            caches[layer] = FeatureCache(cache_dir, fingerprint, layer)
+        return caches[layer].lookup(list(texts), lambda todo: run(todo, progress=len(todo) > 256))
+
+    return encode
+
+
+def backbone_encoder(settings: Settings, backbone) -> Encode:
+    """The encoder every pipeline uses: the backbone's features, cached under <home>/cache/features."""
+    return make_encoder(backbone.model, backbone.tokenizer, settings.cache_dir / "features", backbone.fingerprint)
+
+
+def load_labelled(session: Session, labels: Sequence[str]) -> tuple[LabelledSet, LabelledSet]:
+    train, val = LabelledSet(), LabelledSet()
+    seen: set[tuple[str, str]] = set()
+    for row in repo.routing_examples(session, list(labels)):
+        key = (" ".join(row.text.lower().split()), row.label)
+        if key in seen:
+            continue
+        seen.add(key)
+        (val if row.split == "val" else train).add(row.text, row.label, row.source)
+    return train, val
+
+
+def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> tuple[bool, list[str]]:
+    if active is None:
+        return True, ["no active router"]
+    reasons, ok = [], True
+    if candidate["accuracy"] + 1e-9 < active["accuracy"]:
+        ok = False
+        reasons.append(f"accuracy {candidate['accuracy']:.3f} < active {active['accuracy']:.3f}")
+    for label, stats in candidate["per_label"].items():
+        if stats["support"] == 0:
+            continue
+        if label in new_labels:
+            if stats["recall"] < MIN_NEW_RECALL:
+                ok = False
+                reasons.append(f"new label {label} recall {stats['recall']:.3f} < {MIN_NEW_RECALL}")
+            continue
+        before = active["per_label"].get(label)
+        if before and stats["recall"] < before["recall"] - MAX_RECALL_DROP:
+            ok = False
+            reasons.append(f"{label} recall {stats['recall']:.3f} dropped from {before['recall']:.3f}")
+    if ok:
+        reasons.append(f"accuracy {candidate['accuracy']:.3f} >= active {active['accuracy']:.3f}, no recall drop")
+    return ok, reasons
+
+
+def _log_router_run(prefix: str, metrics: dict, labels: list[str], tmp: Path) -> None:
+    mlflow.log_metrics(
+        {
+            f"{prefix}accuracy": metrics["accuracy"],
+            f"{prefix}ece": metrics["ece"],
+            f"{prefix}abstain_rate": metrics["abstain_rate"],
+            **{f"{prefix}recall_{k}": v["recall"] for k, v in metrics["per_label"].items()},
+            **{f"{prefix}precision_{k}": v["precision"] for k, v in metrics["per_label"].items()},
+        }
+    )
+    image = save_confusion_matrix(
+        np.array(metrics["confusion"]), labels, tmp / f"{prefix or 'candidate_'}confusion.png",
+        title=f"{prefix or 'candidate '}router (acc {metrics['accuracy']:.3f})",
+    )
+    mlflow.log_artifact(str(image))
+
+
+def train_router(
+    settings: Settings,
+    sessions: sessionmaker[Session],
+    encode: Encode,
+    fingerprint: str,
+    config: RouterTrainConfig | None = None,
+    extra_train: LabelledSet | None = None,
+    extra_val: LabelledSet | None = None,
+    promote: str = "auto",
+    run_tags: dict[str, str] | None = None,
+) -> RouterReport:
+    """Train, evaluate against the active router, store, and (per `promote`: auto/always/never) promote."""
+    config = config or RouterTrainConfig(top_k=settings.router_top_k)
+    with sessions() as session:
+        served = [e.name for e in repo.list_experts(session, ["active", "unrouted"])]
+        with_examples = {row.label for row in repo.routing_examples(session, served)}
+        # An expert imported without routing prompts can be served by name but not routed to.
+        experts = [name for name in served if name in with_examples]
+        skipped = sorted(set(served) - set(experts))
+        if skipped:
+            logger.warning("No routing prompts for %s: they stay unrouted", skipped)
+        if not experts:
+            raise InvalidInputError(
+                "No registered expert has routing prompts; add one with `moe expert add NAME --data FILE`."
+            )
+        labels = [*sorted(experts), BASE]
+        train, val = load_labelled(session, labels)
+        active = repo.active_router(session)
+        active_info = (active.version, Path(active.path)) if active else None
+    for extra, target in ((extra_train, train), (extra_val, val)):
+        if extra:
+            for text, label, source in zip(extra.texts, extra.labels, extra.sources, strict=True):
+                if label in labels:
+                    target.add(text, label, source)
+    missing = [label for label in experts if label not in train.labels]
+    if missing:
+        raise InvalidInputError(f"No training prompts for {missing} (all fell in the validation split); add more.")
+    augmented = augment(train.texts, seed=config.seed)
+    layer = settings.router_layer
+    logger.info("Encoding %d training (+%d augmented) and %d validation prompts at layer %d",
+                len(train.texts), len(augmented), len(val.texts), layer)
+    train_x = encode(train.texts + augmented, layer)
+    train_y = torch.tensor([labels.index(label) for label in train.labels * 2])
+    val_x = encode(val.texts, layer)
+    val_y = torch.tensor([labels.index(label) for label in val.labels], dtype=torch.long)
+
+    active_router = Router.load(active_info[1], active_info[0]) if active_info else None
+    init = active_router.gate if active_router and active_router.config.layer == layer else None
+    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, layer, fingerprint, config, init=init)
+    metrics = evaluate(router, val_x, val_y)
+    active_metrics = None
+    if active_router is not None:
+        active_x = val_x if active_router.config.layer == layer else encode(val.texts, active_router.config.layer)
+        known = [i for i, label in enumerate(val.labels) if label in active_router.labels]
+        active_y = torch.tensor([active_router.labels.index(val.labels[i]) for i in known], dtype=torch.long)
+        active_metrics = evaluate(active_router, active_x[known], active_y)
+        # unknown labels count as misses for the active router: it cannot route there at all
+        active_metrics["accuracy"] *= len(known) / max(1, len(val.labels))
+    new_labels = [label for label in labels if active_router is None or label not in active_router.labels]
+    ok, reasons = compare(metrics, active_metrics, new_labels if active_router else [])
+    promoted = promote == "always" or (promote == "auto" and ok)
+    summary = {
+        "train": dict(Counter(train.labels)), "val": dict(Counter(val.labels)),
+        "sources": dict(Counter(train.sources + val.sources)), "augmented": len(augmented),
+    }
+    with sessions.begin() as session:
+        version = repo.next_router_version(session)
+    path = router.save(settings.routers_dir / f"v{version}")
+    with mlflow_run(settings, run_name=f"router:v{version}", tags={"kind": "train_router", **(run_tags or {})}) as run:
+        mlflow.log_params({"layer": layer, "labels": ",".join(labels), "top_k": router.config.top_k,
+                           "temperature": router.config.temperature,
+                           "abstain_threshold": router.config.abstain_threshold,
+                           **{f"train_{k}": v for k, v in vars(config).items()}})
+        mlflow.log_dict(summary, "data_summary.json")
+        with tempfile.TemporaryDirectory() as tmp:
+            _log_router_run("", metrics, labels, Path(tmp))
+            if active_metrics is not None:
+                _log_router_run("active_", active_metrics, active_router.labels, Path(tmp))
+        mlflow.log_artifacts(str(path), artifact_path="router")
+        mlflow.set_tag("promoted", str(promoted))
+        run_id = run.info.run_id
+    with sessions.begin() as session:
+        repo.add_router_version(
+            session, version=version, path=str(path), experts=labels, metrics=metrics, data_summary=summary,
+            status="candidate" if promoted else "rejected", mlflow_run_id=run_id,
+        )
+        if promoted:
+            repo.promote_router(session, version)
+            for name in experts:
+                expert = repo.require_expert(session, name)
+                if expert.status == "unrouted":
+                    expert.status = "active"
+    logger.info("Router v%d: accuracy %.3f, promoted=%s (%s)", version, metrics["accuracy"], promoted,
+                "; ".join(reasons))
+    (path / "report.json").write_text(json.dumps({"promoted": promoted, "reasons": reasons}, indent=2))
+    return RouterReport(version, promoted, reasons, metrics, active_info[0] if active_info else None,
+                        active_metrics, run_id, str(path))

@@ -1,0 +1,130 @@
+"""Request logs written off the request path, in batches, and never lost: when the database is down the
+batch goes to an append-only spill file (JSONL, fsynced) that is replayed, idempotently, once it is back."""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import threading
+import time
+from datetime import datetime
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from registry import repository as repo
+
+logger = logging.getLogger(__name__)
+
+
+def _encode(row: dict[str, Any]) -> str:
+    return json.dumps({k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()})
+
+
+def _decode(line: str) -> dict[str, Any]:
+    row = json.loads(line)
+    if isinstance(row.get("created_at"), str):
+        row["created_at"] = datetime.fromisoformat(row["created_at"])
+    return row
+
+
+class RequestLogWriter:
+    """Thread-safe `log(row)`; a background thread writes batches every `flush_ms`."""
+
+    def __init__(self, sessions: sessionmaker[Session], spill_file: Path, flush_ms: float = 500.0,
+                 batch_size: int = 256) -> None:
+        self.sessions = sessions
+        self.spill_file = spill_file
+        self.flush_s = flush_ms / 1000
+        self.batch_size = batch_size
+        self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._io = threading.Lock()
+        self.written = 0
+        self.spilled = 0
+        self.replayed = 0
+
+    def start(self) -> RequestLogWriter:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="moe-request-log", daemon=True)
+            self._thread.start()
+        return self
+
+    def log(self, row: dict[str, Any]) -> None:
+        self._queue.put(row)
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+        self.flush()
+
+    def _drain(self) -> list[dict[str, Any]]:
+        rows = []
+        while len(rows) < self.batch_size:
+            try:
+                rows.append(self._queue.get_nowait())
+            except queue.Empty:
+                break
+        return rows
+
+    def flush(self) -> None:
+        """Write everything queued now (also replays a spill file when the database answers)."""
+        while True:
+            rows = self._drain()
+            self._write(rows)
+            if not rows or self._queue.empty():
+                return
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            self._stop.wait(self.flush_s)
+            self.flush()
+
+    def _write(self, rows: list[dict[str, Any]]) -> None:
+        with self._io:
+            try:
+                self._replay_locked()
+                if rows:
+                    with self.sessions.begin() as session:
+                        self.written += repo.add_request_logs(session, rows)
+            except Exception as exc:  # database down: keep the rows on disk, try again next flush
+                if rows:
+                    self._spill_locked(rows)
+                    logger.warning("Request log database unavailable (%s); spilled %d rows to %s",
+                                   exc.__class__.__name__, len(rows), self.spill_file)
+
+    def _spill_locked(self, rows: list[dict[str, Any]]) -> None:
+        self.spill_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.spill_file.open("a", encoding="utf-8") as handle:
+            handle.writelines(_encode(r) + "\n" for r in rows)
+            handle.flush()
+            os.fsync(handle.fileno())
+        self.spilled += len(rows)
+
+    def _replay_locked(self) -> None:
+        if not self.spill_file.is_file() or self.spill_file.stat().st_size == 0:
+            return
+        rows = [_decode(line) for line in self.spill_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+        with self.sessions.begin() as session:
+            for start in range(0, len(rows), self.batch_size):
+                repo.add_request_logs(session, rows[start : start + self.batch_size])
+        # only after the commit: a crash in between replays again, and add_request_logs skips duplicates
+        self.spill_file.unlink()
+        self.replayed += len(rows)
+        logger.info("Replayed %d spilled request-log rows", len(rows))
+
+
+def wait_until_written(writer: RequestLogWriter, expected: int, timeout_s: float = 10.0) -> bool:
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        writer.flush()
+        if writer.written + writer.replayed >= expected:
+            return True
+        time.sleep(0.05)
+    return False

@@ -1,0 +1,86 @@
+"""The router at run time: the active router version from the registry, over features from the backbone.
+Reloads when the active version changes (promotion, rollback), without a restart."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.errors import RouterNotTrainedError
+from core.settings import Settings
+from registry import repository as repo
+from router.features import FeatureEncoder
+from router.gate import Router, RoutingDecision
+
+logger = logging.getLogger(__name__)
+
+
+class RoutingService:
+    """Routes texts with the registry's active router; `refresh()` picks up a new version."""
+
+    def __init__(self, settings: Settings, sessions: sessionmaker[Session], model, tokenizer,
+                 own_backbone: bool = False) -> None:
+        self.settings = settings
+        self.sessions = sessions
+        self.model = model
+        self.tokenizer = tokenizer
+        self.own_backbone = own_backbone
+        self.router: Router | None = None
+        self.allowed: set[str] = set()
+        self._encoders: dict[int, FeatureEncoder] = {}
+        self._lock = threading.Lock()
+        self._encode_lock = threading.Lock()  # one encoder pass at a time: the early-exit hook holds state
+        self.checked_at = 0.0
+
+    def _encoder(self, layer: int) -> FeatureEncoder:
+        if layer not in self._encoders:
+            encoder = FeatureEncoder(self.model, self.tokenizer, layer)
+            if self.own_backbone and not self._encoders:
+                encoder.truncate()  # this backbone copy serves routing only: keep the layers it needs
+            self._encoders[layer] = encoder
+        return self._encoders[layer]
+
+    def refresh(self) -> bool:
+        """Load the active router and the set of routable experts; True when the version changed."""
+        with self.sessions() as session:
+            active = repo.active_router(session)
+            allowed = {e.name for e in repo.list_experts(session, ["active"])}
+        self.checked_at = time.monotonic()
+        changed = False
+        with self._lock:
+            self.allowed = allowed
+            if active is None:
+                self.router = None
+                return False
+            if self.router is None or self.router.version != active.version:
+                self.router = Router.load(Path(active.path), active.version)
+                self._encoder(self.router.config.layer)
+                logger.info("Router v%d active (%s)", active.version, ", ".join(self.router.labels))
+                changed = True
+        return changed
+
+    def maybe_refresh(self, every_s: float = 2.0) -> None:
+        if time.monotonic() - self.checked_at > every_s:
+            self.refresh()
+
+    @property
+    def version(self) -> int | None:
+        return self.router.version if self.router else None
+
+    def route(self, texts: Sequence[str], top_k: int | None = None, progress: bool = False,
+              batch_size: int = 32) -> list[RoutingDecision]:
+        with self._lock:
+            router, allowed = self.router, set(self.allowed)
+        if router is None:
+            raise RouterNotTrainedError("No router is active yet; run `moe router train`.")
+        with self._encode_lock:
+            features = self._encoder(router.config.layer).encode(texts, batch_size=batch_size, progress=progress)
+        return router.decide(
+            features, top_k=top_k or self.settings.router_top_k,
+            abstain_threshold=self.settings.router_abstain_threshold, allowed=allowed,
+        )

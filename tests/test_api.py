@@ -1,0 +1,226 @@
+"""The HTTP API in-process (no Ray): OpenAI shapes, routing, streaming, errors, logs, feedback, metrics,
+admin auth. The same app runs behind Ray Serve in the integration tests."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+import json
+
+import pytest
+import torch
+from fastapi.testclient import TestClient
+from peft import LoraConfig, get_peft_model
+from pydantic import SecretStr
+
+from api.app import create_app
+from api.gateway import Gateway
+from api.pool import ExpertPoolCore, LocalPoolClient
+from experts.adapters import write_metadata
+from pipelines.train_expert import register_expert
+from pipelines.train_router import make_encoder, train_router
+from registry import repository as repo
+from registry.db import session_factory
+from registry.request_log import RequestLogWriter
+from router.gate import BASE
+from router.service import RoutingService
+from router.training import RouterTrainConfig
+from tests.conftest import DOMAIN_PROMPTS
+from tests.test_router import GENERAL
+
+
+def register_random_expert(settings, sessions, backbone, name, prompts, seed):
+    torch.manual_seed(seed)
+    model = get_peft_model(copy.deepcopy(backbone.model),
+                           LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], init_lora_weights=False))
+    path = settings.experts_dir / name / "v1"
+    model.save_pretrained(path, safe_serialization=True)
+    write_metadata(path, {"backbone_fingerprint": backbone.fingerprint})
+    with sessions.begin() as session:
+        register_expert(session, name, f"{name} expert", str(path), backbone, 4, ["q_proj", "v_proj"], {}, "adapter",
+                        prompts[:-3], prompts[-3:], None)
+
+
+@pytest.fixture
+def service(settings, backbone):
+    settings.admin_token = SecretStr("admin-secret")
+    settings.ensure_dirs()
+    sessions = session_factory(settings)
+    for seed, (name, prompts) in enumerate(DOMAIN_PROMPTS.items()):
+        register_random_expert(settings, sessions, backbone, name, prompts, seed)
+    with sessions.begin() as session:
+        repo.add_routing_examples(session, BASE, GENERAL[:-3], "train", "seed")
+        repo.add_routing_examples(session, BASE, GENERAL[-3:], "val", "seed")
+    train_router(settings, sessions, make_encoder(backbone.model, backbone.tokenizer), backbone.fingerprint,
+                 RouterTrainConfig(epochs=20))
+    router_backbone = copy.deepcopy(backbone)  # the router owns its copy, as in the ingress
+    routing = RoutingService(settings, sessions, router_backbone.model, router_backbone.tokenizer, own_backbone=True)
+    routing.refresh()
+    pool = ExpertPoolCore(settings, sessions, backbone)
+    writer = RequestLogWriter(sessions, settings.spill_dir / "requests.jsonl", flush_ms=50).start()
+    gateway = Gateway(settings, sessions, backbone.tokenizer, routing, [LocalPoolClient(pool)], writer)
+    client = TestClient(create_app(lambda: gateway))
+    yield client, gateway, sessions
+    writer.stop()
+    pool.close()
+
+
+def chat(client, model="auto", **extra):
+    body = {"model": model, "messages": [{"role": "user", "content": "I have a bad headache and fever"}],
+            "max_tokens": 6, "temperature": 0, **extra}
+    return client.post("/v1/chat/completions", json=body)
+
+
+def test_routed_and_forced_chat(service):
+    client, gateway, sessions = service
+    routed = chat(client)
+    assert routed.status_code == 200, routed.text
+    body = routed.json()
+    assert body["object"] == "chat.completion" and body["choices"][0]["message"]["role"] == "assistant"
+    assert body["moe"]["router_version"] == 1 and 0 < body["moe"]["confidence"] <= 1
+    assert body["usage"]["total_tokens"] == body["usage"]["prompt_tokens"] + body["usage"]["completion_tokens"]
+    forced = chat(client, model="finance").json()
+    assert forced["moe"]["experts"] == [{"name": "finance", "weight": 1.0}] and forced["moe"]["confidence"] is None
+    text = client.post("/v1/completions", json={"model": "medical", "prompt": "fever", "max_tokens": 4}).json()
+    assert text["object"] == "text_completion" and text["moe"]["experts"][0]["name"] == "medical"
+    gateway.log_writer.flush()
+    with sessions() as session:
+        rows = {r: repo.get_request_log(session, r) for r in (body["id"], forced["id"], text["id"])}
+    assert all(rows.values())
+    assert rows[forced["id"]].forced_expert == "finance"
+    assert rows[body["id"]].router_version == 1
+    assert rows[body["id"]].completion_tokens == body["usage"]["completion_tokens"]
+
+
+def test_streaming_sse(service):
+    client, _, _ = service
+    with client.stream("POST", "/v1/chat/completions", json={
+        "model": "auto", "stream": True, "max_tokens": 5, "temperature": 0,
+        "messages": [{"role": "user", "content": "my order never arrived"}]}) as response:
+        assert response.status_code == 200
+        lines = [line for line in response.iter_lines() if line.startswith("data: ")]
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line[6:]) for line in lines[:-1]]
+    assert chunks[0]["choices"][0]["delta"]["role"] == "assistant"
+    assert chunks[-1]["choices"][0]["finish_reason"] in ("stop", "length")
+    assert "usage" in chunks[-1] and all("moe" in c for c in chunks)
+
+
+@pytest.mark.parametrize(
+    ("body", "status", "needle"),
+    [
+        ({"model": "nope", "messages": [{"role": "user", "content": "hi"}]}, 404, "does not exist"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "word " * 400}]}, 400, "limit is 256"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 100000}, 400, "max_tokens"),
+        ({"model": "auto", "messages": []}, 422, "messages"),
+        ({"model": "auto", "messages": [{"role": "robot", "content": "hi"}]}, 422, "messages.0.role"),
+        ({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, "temperature"),
+    ],
+)
+def test_bad_requests_are_4xx(service, body, status, needle):
+    client, _, _ = service
+    response = client.post("/v1/chat/completions", json=body)
+    assert response.status_code == status, response.text
+    assert needle in response.json()["error"]["message"]
+
+
+def test_malformed_json_and_oversized_body(service):
+    client, gateway, _ = service
+    response = client.post("/v1/chat/completions", content=b"{not json", headers={"content-type": "application/json"})
+    assert response.status_code == 422
+    gateway.settings.max_body_bytes = 2048
+    response = client.post("/v1/chat/completions", json={"model": "auto", "messages": [
+        {"role": "user", "content": "x" * 5000}]})
+    assert response.status_code == 413
+
+
+def test_models_route_feedback_health_metrics(service):
+    client, _, _ = service
+    models = [m["id"] for m in client.get("/v1/models").json()["data"]]
+    assert models == ["auto", "finance", "medical"]
+    route = client.post("/v1/route", json={"text": "should I invest in index funds", "top_k": 2}).json()
+    assert len(route["experts"]) <= 2 and abs(sum(e["weight"] for e in route["experts"]) - 1) < 1e-3
+    assert client.post("/v1/route", json={}).status_code == 400
+    answer = chat(client).json()
+    ok = client.post("/v1/feedback", json={"request_id": answer["id"], "expert": "medical", "rating": 5})
+    assert ok.status_code == 200
+    assert client.post("/v1/feedback", json={"request_id": "req-missing", "rating": 1}).status_code == 404
+    assert client.post("/v1/feedback", json={"request_id": answer["id"], "expert": "nobody"}).status_code == 404
+    assert client.get("/healthz").json()["status"] == "ok"
+    metrics = client.get("/metrics").text
+    assert 'moe_requests_total{endpoint="chat",expert=' in metrics
+
+
+def test_admin_needs_token_and_retire_stops_routing(service):
+    client, gateway, _ = service
+    assert client.get("/admin/experts").status_code == 401
+    assert client.get("/admin/experts", headers={"Authorization": "Bearer wrong"}).status_code == 403
+    auth = {"Authorization": "Bearer admin-secret"}
+    assert {e["name"] for e in client.get("/admin/experts", headers=auth).json()} == {"medical", "finance"}
+    assert client.post("/admin/experts/finance/retire", headers=auth).status_code == 200
+    decision = asyncio.run(gateway.route_only("should I invest in index funds", 3))
+    assert "finance" not in [name for name, _ in decision.experts]
+    assert client.post("/admin/experts/ghost/retire", headers=auth).status_code == 404
+
+
+def _wait_job(client, job_id, auth, timeout=120.0):
+    import time
+
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        job = client.get(f"/admin/jobs/{job_id}", headers=auth).json()
+        if job["status"] in ("succeeded", "failed"):
+            return job
+        time.sleep(0.2)
+    raise AssertionError(f"job {job_id} did not finish: {job}")
+
+
+def test_admin_registers_an_expert_as_a_job(service, domain_data, tmp_path):
+    client, gateway, sessions = service
+    auth = {"Authorization": "Bearer admin-secret"}
+    lines = [json.loads(line) for line in domain_data["finance"].read_text().splitlines()]
+    data = tmp_path / "tax.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": "tax " + r["prompt"], "response": r["response"]})
+                              for r in lines) + "\n")
+    response = client.post("/admin/experts", headers=auth, json={"name": "tax", "data_path": str(data), "epochs": 1})
+    assert response.status_code == 202, response.text
+    job = _wait_job(client, response.json()["job_id"], auth)
+    assert job["status"] == "succeeded", job
+    assert job["result"]["expert_version"] == 1 and job["result"]["router_version"] == 2
+    with sessions() as session:
+        assert repo.require_expert(session, "tax").status in ("active", "unrouted")
+    # the pool picks the new adapter up from the registry (the Ray pool polls; here we sync once)
+    pool = gateway.pools[0].core
+    assert "tax" in pool.sync()["added"]
+    assert chat(client, model="tax").status_code == 200
+
+
+@pytest.mark.parametrize(
+    ("body", "status"),
+    [
+        ({"name": "Bad Name", "data_path": "/x.jsonl"}, 400),
+        ({"name": "medical", "data_path": "/x.jsonl"}, 409),
+        ({"name": "newone"}, 400),
+        ({"name": "newone", "data_path": "/x", "adapter_path": "/y"}, 400),
+    ],
+)
+def test_admin_register_rejections_change_nothing(service, body, status):
+    client, _, sessions = service
+    auth = {"Authorization": "Bearer admin-secret"}
+    assert client.post("/admin/experts", headers=auth, json=body).status_code == status
+    with sessions() as session:
+        assert sorted(e.name for e in repo.list_experts(session)) == ["finance", "medical"]
+
+
+def test_pickled_adapter_job_fails_and_registers_nothing(service, tmp_path):
+    client, _, sessions = service
+    auth = {"Authorization": "Bearer admin-secret"}
+    folder = tmp_path / "evil"
+    folder.mkdir()
+    (folder / "adapter_config.json").write_text(json.dumps({"peft_type": "LORA", "r": 4, "lora_alpha": 8}))
+    (folder / "adapter_model.bin").write_bytes(b"\x80\x04not really a pickle")
+    job_id = client.post("/admin/experts", headers=auth, json={"name": "evil", "adapter_path": str(folder)}).json()
+    job = _wait_job(client, job_id["job_id"], auth)
+    assert job["status"] == "failed" and "only safetensors" in job["message"]
+    with sessions() as session:
+        assert repo.get_expert(session, "evil") is None

@@ -1,0 +1,170 @@
+"""The continuous-batching engine: greedy output equals transformers' generate (bare and with a peft
+adapter) whatever else shares the batch; sampling, stop strings, limits, cancellation, streaming."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+
+from core.errors import ExpertNotFoundError, OverloadedError
+from experts.adapters import load_lora_weights
+from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
+
+
+@pytest.fixture
+def adapter_dir(backbone, tmp_path):
+    torch.manual_seed(5)
+    model = get_peft_model(
+        copy.deepcopy(backbone.model),
+        LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj", "down_proj"], init_lora_weights=False),
+    )
+    model.save_pretrained(tmp_path / "ad", safe_serialization=True)
+    return tmp_path / "ad"
+
+
+def _prompts(backbone, texts):
+    tok = backbone.tokenizer
+    return [tok(t, add_special_tokens=False)["input_ids"] for t in texts]
+
+
+def _hf_greedy(model, prompt, n, eos):
+    out = model.generate(
+        torch.tensor([prompt]), max_new_tokens=n, do_sample=False, eos_token_id=eos, pad_token_id=eos,
+        attention_mask=torch.ones(1, len(prompt), dtype=torch.long),
+    )
+    generated = out[0, len(prompt):].tolist()
+    return generated[: generated.index(eos)] if eos in generated else generated
+
+
+def test_greedy_matches_generate_in_a_mixed_batch(backbone, settings, adapter_dir):
+    reference = copy.deepcopy(backbone.model)
+    peft_reference = PeftModel.from_pretrained(copy.deepcopy(backbone.model), adapter_dir)
+    eos = backbone.tokenizer.eos_token_id
+    prompts = _prompts(backbone, ["my order never arrived", "headache and fever since", "roth ira or", "hi"])
+    engine = GenerationEngine(backbone, settings)
+    engine.add_adapter(load_lora_weights(adapter_dir, "ad"))
+    params = SamplingParams(max_tokens=12, temperature=0)
+    mixtures = [[], [("ad", 1.0)], [], [("ad", 1.0)]]
+    requests = [GenerationRequest(p, m, params) for p, m in zip(prompts, mixtures, strict=True)]
+    try:
+        results = engine.generate_many(requests)
+    finally:
+        engine.stop()
+    tok = backbone.tokenizer
+    for prompt, mixture, result in zip(prompts, mixtures, results, strict=True):
+        model = peft_reference if mixture else reference
+        expected = tok.decode(_hf_greedy(model, prompt, 12, eos), skip_special_tokens=True)
+        assert result.text == expected
+        assert result.prompt_tokens == len(prompt)
+        assert result.finish_reason in ("stop", "length")
+
+
+def test_rows_joining_a_running_batch_match_solo_runs(backbone, settings):
+    """Continuous batching: requests arriving while others decode give the same greedy text as alone."""
+    prompts = _prompts(backbone, ["a", "the quick brown fox jumps", "please reset my password", "what dose"])
+    params = SamplingParams(max_tokens=10, temperature=0)
+    engine = GenerationEngine(backbone, settings).start()
+    try:
+        solo = [engine.generate_many([GenerationRequest(p, (), params)])[0].text for p in prompts]
+
+        async def staggered():
+            async def one(i, p):
+                await asyncio.sleep(0.01 * i)
+                return (await engine.generate(GenerationRequest(p, (), params))).text
+
+            return await asyncio.gather(*(one(i, p) for i, p in enumerate(prompts)))
+
+        together = asyncio.run(staggered())
+    finally:
+        engine.stop()
+    assert together == solo
+
+
+def test_sampling_seed_stop_and_length(backbone, settings):
+    engine = GenerationEngine(backbone, settings).start()
+    prompt = _prompts(backbone, ["tell me"])[0]
+    try:
+        a, b, _ = engine.generate_many(
+            [GenerationRequest(prompt, (), SamplingParams(max_tokens=8, temperature=1.0, top_p=0.9, seed=7))
+             for _ in range(2)] + [GenerationRequest(prompt, (), SamplingParams(max_tokens=8, temperature=1.0, seed=8))]
+        )
+        assert a.text == b.text  # same seed, same sample
+        assert a.completion_tokens <= 8
+        long = engine.generate_many([GenerationRequest(prompt, (), SamplingParams(max_tokens=5, temperature=0))])[0]
+        if long.finish_reason == "length":
+            assert long.completion_tokens == 5
+        if len(long.text) > 2:
+            stop = long.text[1:3]
+            cut = engine.generate_many(
+                [GenerationRequest(prompt, (), SamplingParams(max_tokens=5, temperature=0, stop=(stop,)))]
+            )[0]
+            assert cut.finish_reason == "stop"
+            assert stop not in cut.text
+            assert long.text.startswith(cut.text)
+    finally:
+        engine.stop()
+
+
+def test_stream_cancel_and_errors(backbone, settings):
+    engine = GenerationEngine(backbone, settings).start()
+    prompt = _prompts(backbone, ["stream me"])[0]
+
+    async def consume_then_leave():
+        events = []
+        request = GenerationRequest(prompt, (), SamplingParams(max_tokens=60, temperature=0))
+        async for event in engine.stream(request):
+            events.append(event)
+            if len(events) == 2:
+                break
+        return request.request_id, events
+
+    try:
+        _, events = asyncio.run(consume_then_leave())
+        assert len(events) == 2
+        deadline = 50
+        while engine.load()["running"] and deadline:
+            asyncio.run(asyncio.sleep(0.02))
+            deadline -= 1
+        assert engine.load()["running"] == 0  # the cancelled row left the batch
+        with pytest.raises(ExpertNotFoundError):
+            engine.submit(GenerationRequest(prompt, [("nope", 1.0)]), lambda e: None)
+    finally:
+        engine.stop()
+    settings.max_queue = 1
+    idle = GenerationEngine(backbone, settings)  # not started: the queue fills up
+    idle.submit(GenerationRequest(prompt), lambda e: None)
+    with pytest.raises(OverloadedError):
+        idle.submit(GenerationRequest(prompt), lambda e: None)
+
+
+def test_removing_an_adapter_waits_for_requests_in_flight(backbone, settings, adapter_dir):
+    engine = GenerationEngine(backbone, settings)
+    engine.add_adapter(load_lora_weights(adapter_dir, "ad"))
+    engine.start()
+    prompt = _prompts(backbone, ["a long answer please"])[0]
+
+    async def scenario():
+        request = GenerationRequest(prompt, [("ad", 1.0)], SamplingParams(max_tokens=30, temperature=0))
+        stream = engine.stream(request)
+        first = await anext(stream)
+        await asyncio.to_thread(engine.remove_adapter, "ad")  # retired while the request runs
+        rest = [event async for event in stream]
+        return [first, *rest]
+
+    try:
+        engine.eos_ids = set()
+        events = asyncio.run(scenario())
+        assert events[-1].finish_reason == "length" and events[-1].completion_tokens == 30
+        deadline = 100
+        while "ad" in engine.adapter_names and deadline:
+            asyncio.run(asyncio.sleep(0.02))
+            deadline -= 1
+        assert engine.adapter_names == []
+        with pytest.raises(ExpertNotFoundError):
+            engine.submit(GenerationRequest(prompt, [("ad", 1.0)]), lambda e: None)
+    finally:
+        engine.stop()

@@ -1,0 +1,144 @@
+"""Router: top-k renormalisation, abstain fallback, losses, save/load, training and gated promotion."""
+
+from __future__ import annotations
+
+import torch
+
+from pipelines.train_router import make_encoder, train_router
+from registry import repository as repo
+from registry.db import session_factory
+from router.features import FeatureEncoder
+from router.gate import BASE, Gate, GateConfig, Router, top_k_renormalised
+from router.losses import load_balancing_loss, router_loss, z_loss
+from router.training import RouterTrainConfig, pick_abstain_threshold
+from tests.conftest import DOMAIN_PROMPTS
+
+GENERAL = ["write a poem about the sea", "translate hello into french", "tell me a joke", "what is 2 plus 2",
+           "recipe for pancakes", "who won the world cup", "summarise this paragraph", "fix my python loop",
+           "plan a birthday party", "name ideas for a cat", "how tall is everest", "write a haiku about rain"]
+
+
+def _router(labels, logits_bias, threshold=0.0, top_k=2):
+    config = GateConfig(labels=labels, input_size=4, layer=1, top_k=top_k, abstain_threshold=threshold)
+    gate = Gate(config)
+    with torch.no_grad():
+        for p in gate.net.parameters():
+            p.zero_()
+        gate.net[3].bias.copy_(torch.tensor(logits_bias))
+    return Router(gate)
+
+
+def test_top_k_weights_renormalise():
+    probs = torch.tensor([[0.5, 0.3, 0.2], [0.1, 0.1, 0.8]])
+    weights, index = top_k_renormalised(probs, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2))
+    torch.testing.assert_close(weights[0], torch.tensor([0.625, 0.375]))
+    assert index.tolist() == [[0, 1], [2, 0]]
+
+
+def test_decision_top2_mixture_and_base_share():
+    router = _router(["legal", "medical", BASE], [2.0, 1.0, 0.0])
+    decision = router.decide(torch.zeros(1, 4))[0]
+    assert [n for n, _ in decision.experts] == ["legal", "medical"]
+    assert abs(sum(w for _, w in decision.experts) - 1) < 1e-6
+    assert decision.mixture == decision.experts
+    base_second = _router(["legal", "medical", BASE], [2.0, 0.0, 1.0]).decide(torch.zeros(1, 4))[0]
+    assert base_second.experts[1][0] == BASE and base_second.mixture == base_second.experts[:1]
+
+
+def test_abstain_falls_back_to_base_and_masks_retired():
+    router = _router(["legal", "medical", BASE], [0.1, 0.0, 0.0], threshold=0.5)
+    decision = router.decide(torch.zeros(1, 4))[0]
+    assert decision.abstained and decision.experts == [(BASE, 1.0)] and decision.mixture == []
+    confident = _router(["legal", "medical", BASE], [5.0, 0.0, 0.0], threshold=0.5).decide(
+        torch.zeros(1, 4), allowed={"medical"})[0]
+    assert confident.experts[0][0] != "legal"  # a retired expert is never chosen
+
+
+def test_losses_penalise_collapse():
+    balanced = torch.eye(4) * 5
+    collapsed = torch.zeros(4, 4)
+    collapsed[:, 0] = 5
+    assert load_balancing_loss(balanced) < 1.1
+    assert load_balancing_loss(collapsed) > 3.0
+    assert z_loss(torch.full((2, 3), 10.0)) > z_loss(torch.zeros(2, 3))
+    total, parts = router_loss(collapsed, torch.arange(4))
+    assert total > parts["ce"] and set(parts) == {"ce", "load_balance", "z"}
+
+
+def test_abstain_threshold_keeps_most_correct():
+    confidence = torch.linspace(0.3, 1.0, 200).numpy()
+    correct = confidence > 0.35
+    threshold = pick_abstain_threshold(confidence, correct, max_recall_loss=0.05)
+    assert ((confidence < threshold) & correct).sum() <= 0.05 * correct.sum()
+    assert threshold > 0.35
+
+
+def test_save_load_round_trip(tmp_path):
+    router = _router(["a", "b", BASE], [1.0, 2.0, 0.5], threshold=0.2)
+    loaded = Router.load(router.save(tmp_path / "r"))
+    x = torch.randn(3, 4)
+    torch.testing.assert_close(loaded.probabilities(x), router.probabilities(x))
+    assert loaded.config.labels == ["a", "b", BASE] and loaded.config.abstain_threshold == 0.2
+
+
+def test_features_stop_early_and_leave_generation_alone(backbone):
+    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, layer=1)
+    feats = encoder.encode(["hello there", "my order never arrived at all"])
+    assert feats.shape == (2, backbone.hidden_size)
+    # same text padded in a batch or alone gives the same features
+    alone = encoder.encode(["hello there"])
+    torch.testing.assert_close(feats[0], alone[0], rtol=1e-4, atol=1e-4)
+    out = backbone.model(input_ids=torch.tensor([[1, 2, 3]]))  # the hook is inert outside encode()
+    assert out.logits.shape[-1] == backbone.model.config.vocab_size
+
+
+def _seed_registry(sessions, experts):
+    with sessions.begin() as session:
+        for name, prompts in experts.items():
+            repo.add_expert(session, name, status="unrouted")
+            repo.add_routing_examples(session, name, prompts[:-3], "train", "seed")
+            repo.add_routing_examples(session, name, prompts[-3:], "val", "seed")
+        repo.add_routing_examples(session, BASE, GENERAL[:-3], "train", "seed")
+        repo.add_routing_examples(session, BASE, GENERAL[-3:], "val", "seed")
+
+
+def test_train_router_promotes_first_and_gates_the_next(settings, backbone):
+    sessions = session_factory(settings)
+    _seed_registry(sessions, DOMAIN_PROMPTS)
+    encode = make_encoder(backbone.model, backbone.tokenizer)
+    config = RouterTrainConfig(epochs=30)
+    first = train_router(settings, sessions, encode, backbone.fingerprint, config)
+    assert first.promoted and first.version == 1
+    assert first.metrics["n"] == 9 and 0.0 <= first.metrics["accuracy"] <= 1.0
+    with sessions() as session:
+        assert repo.active_router(session).version == 1
+        assert {e.status for e in repo.list_experts(session)} == {"active"}
+    # a candidate that cannot be better is kept out when the rule says no
+    never = train_router(settings, sessions, encode, backbone.fingerprint, config, promote="never")
+    assert not never.promoted
+    with sessions() as session:
+        assert repo.active_router(session).version == 1
+        assert repo.get_router(session, never.version).status == "rejected"
+        repo.promote_router(session, never.version)
+        session.commit()
+    with sessions.begin() as session:
+        assert repo.rollback_router(session).version == 1
+
+
+def test_feature_cache_encodes_only_new_texts(tmp_path):
+    from router.feature_cache import FeatureCache
+
+    calls = []
+
+    def fake_encode(texts):  # deterministic stand-in for the backbone: the boundary under test is the cache
+        calls.append(list(texts))
+        return torch.stack([torch.full((3,), float(len(t))) for t in texts])
+
+    cache = FeatureCache(tmp_path, "fp-x", 2)
+    first = cache.lookup(["a", "bb", "a"], fake_encode)
+    assert first[:, 0].tolist() == [1.0, 2.0, 1.0] and calls == [["a", "bb"]]
+    again = FeatureCache(tmp_path, "fp-x", 2).lookup(["bb", "ccc"], fake_encode)  # reloaded from disk
+    assert again[:, 0].tolist() == [2.0, 3.0] and calls[-1] == ["ccc"]
+    (tmp_path / "fp-x-L2.safetensors").write_bytes(b"garbage")
+    assert FeatureCache(tmp_path, "fp-x", 2).lookup(["a"], fake_encode)[0, 0] == 1.0  # damaged cache rebuilt

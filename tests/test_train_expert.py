@@ -1,0 +1,81 @@
+"""Expert training on the tiny backbone: trains, lowers held-out loss, saves safetensors, registers,
+tracks in MLflow; clear errors for bad input, leaving nothing registered."""
+
+from __future__ import annotations
+
+import json
+
+import mlflow
+import pytest
+
+from core.errors import ConflictError, DataFormatError, InvalidNameError
+from experts.adapters import load_lora_weights, validate_against
+from experts.training import TrainConfig
+from pipelines.train_expert import train_expert_from_file
+from registry import repository as repo
+from registry.db import session_factory
+
+
+def test_train_expert_end_to_end(settings, backbone, domain_data):
+    sessions = session_factory(settings)
+    before = {k: v.clone() for k, v in backbone.model.state_dict().items()}
+    result = train_expert_from_file(
+        settings, backbone, sessions, "medical", domain_data["medical"],
+        config=TrainConfig(epochs=8, batch_size=4, learning_rate=3e-3),
+    )
+    assert result.expert_loss < result.base_loss
+    assert (settings.experts_dir / "medical" / "v1" / "adapter_model.safetensors").is_file()
+    assert not list(settings.experts_dir.glob("*.bin"))
+    weights = load_lora_weights(result.adapter_path, "medical")
+    validate_against(weights, backbone, settings)
+    # the shared backbone is restored exactly
+    after = backbone.model.state_dict()
+    assert set(after) == set(before)
+    assert all((after[k] == before[k]).all() for k in before)
+    with sessions() as session:
+        expert = repo.require_expert(session, "medical")
+        assert expert.status == "unrouted" and expert.current_version == 1
+        assert len(repo.routing_examples(session, ["medical"])) == 12
+    run = mlflow.get_run(result.run_id)
+    assert run.data.metrics["eval_loss_expert"] == pytest.approx(result.expert_loss)
+    assert "train_loss" in run.data.metrics
+
+
+def test_bad_inputs_register_nothing(settings, backbone, domain_data, tmp_path):
+    sessions = session_factory(settings)
+    with pytest.raises(InvalidNameError):
+        train_expert_from_file(settings, backbone, sessions, "Bad Name", domain_data["medical"])
+    with pytest.raises(InvalidNameError):
+        train_expert_from_file(settings, backbone, sessions, "auto", domain_data["medical"])
+    with pytest.raises(DataFormatError, match="does not exist"):
+        train_expert_from_file(settings, backbone, sessions, "hr", tmp_path / "missing.jsonl")
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text(json.dumps({"prompt": "q", "response": "a"}) + "\n" + '{"prompt": "only"}\n')
+    with pytest.raises(DataFormatError, match="line 2"):
+        train_expert_from_file(settings, backbone, sessions, "hr", bad)
+    with sessions() as session:
+        assert repo.list_experts(session) == []
+    train_expert_from_file(
+        settings, backbone, sessions, "finance", domain_data["finance"], config=TrainConfig(epochs=1, max_steps=1)
+    )
+    with pytest.raises(ConflictError):
+        train_expert_from_file(settings, backbone, sessions, "finance", domain_data["finance"])
+
+
+def test_response_only_head_matches_full_logits(backbone):
+    """The loss with the LM head on scored positions only equals the loss over full logits."""
+    import torch
+
+    from experts.data import ChatExample, tokenize_example
+    from experts.training import batch_nll, collate
+
+    examples = [tokenize_example(backbone.tokenizer, ChatExample((
+        {"role": "user", "content": q}, {"role": "assistant", "content": a})), 128)
+        for q, a in [("hi there", "hello, how can I help"), ("order late", "sorry, we will check it now")]]
+    batch = collate(examples, backbone.tokenizer.pad_token_id, torch.device("cpu"))
+    loss, count = batch_nll(backbone.model, batch)
+    logits = backbone.model(input_ids=batch.input_ids, attention_mask=batch.attention_mask).logits
+    full = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]),
+                                             batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
+    assert count == int((batch.labels[:, 1:] != -100).sum())
+    torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)

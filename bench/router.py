@@ -29,7 +29,7 @@ from experts.backbone import load_backbone
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
 from experts.seed import DEFAULT_DOMAINS, GENERAL_DIR, seed_prompts
 from router.augment import augment
-from router.features import FeatureEncoder
+from router.features import FeatureEncoder, layers_key
 from router.gate import BASE
 from router.training import RouterTrainConfig, evaluate, train_router_on_features
 
@@ -133,32 +133,34 @@ def main() -> None:
 
     # Layer study: one gate per layer on plain features (no augmentation) of a per-label sample of the
     # training prompts, scored on the full validation split and the robustness set.
-    layers = sorted(set(args.layers) | {settings.router_layer})
+    product_layers = sorted(settings.router_layers)
+    layers = sorted(set(args.layers) | set(product_layers))
     study_train = [row for label in LABELS for row in [r for r in train if r[1] == label][: args.study_per_label]]
     feats = all_layer_features(backbone.model, backbone.tokenizer,
                                [t for t, _ in study_train] + val_texts + robust_texts, layers)
     n_tr, n_va = len(study_train), len(val)
     study = {}
-    for layer in layers:
-        f = feats[layer]
-        router = train_router_on_features(LABELS, f[:n_tr], y(study_train), f[n_tr : n_tr + n_va], y(val), layer,
+    for combo in [[layer] for layer in layers] + ([product_layers] if len(product_layers) > 1 else []):
+        f = torch.cat([feats[layer] for layer in combo], dim=-1)
+        router = train_router_on_features(LABELS, f[:n_tr], y(study_train), f[n_tr : n_tr + n_va], y(val), combo,
                                           "", RouterTrainConfig())
-        study[layer] = {"val": evaluate(router, f[n_tr : n_tr + n_va], y(val))["accuracy_no_abstain"]}
+        name = layers_key(combo)
+        study[name] = {"val": evaluate(router, f[n_tr : n_tr + n_va], y(val))["accuracy_no_abstain"]}
         if robust:
-            study[layer]["robustness"] = evaluate(router, f[n_tr + n_va :], y(robust))["accuracy_no_abstain"]
-        print(f"layer {layer:>2}: {study[layer]}", flush=True)
+            study[name]["robustness"] = evaluate(router, f[n_tr + n_va :], y(robust))["accuracy_no_abstain"]
+        print(f"{name:>10}: {study[name]}", flush=True)
     report["layer_study"] = study
 
-    # The product's router: configured layer, augmented training (as `moe router train` does it).
-    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, settings.router_layer)
+    # The product's router: configured layers, augmented training (as `moe router train` does it).
+    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, product_layers)
     aug = augment(train_texts)
     train_x = encoder.encode(train_texts + aug)
     train_y = torch.cat([y(train), y(train)])
     val_x, robust_x = encoder.encode(val_texts), encoder.encode(robust_texts) if robust else None
-    router = train_router_on_features(LABELS, train_x, train_y, val_x, y(val), settings.router_layer, "",
+    router = train_router_on_features(LABELS, train_x, train_y, val_x, y(val), product_layers, "",
                                       RouterTrainConfig())
     val_metrics = evaluate(router, val_x, y(val))
-    report["router"] = {"layer": settings.router_layer, "val": val_metrics["accuracy_no_abstain"],
+    report["router"] = {"layers": layers_key(product_layers), "val": val_metrics["accuracy_no_abstain"],
                         "val_with_abstain": val_metrics["accuracy"], "abstain_rate": val_metrics["abstain_rate"],
                         "ece": val_metrics["ece"],
                         "recall": {k: round(v["recall"], 3) for k, v in val_metrics["per_label"].items()}}

@@ -64,8 +64,11 @@ class Settings(BaseSettings):
     max_lora_rank: int = Field(default=64, ge=1, description="Largest rank accepted when registering an adapter.")
 
     # --- router --------------------------------------------------------------------------
-    router_layer: int = Field(
-        default=12, ge=1, description="Backbone layer whose mean-pooled hidden states feed the router."
+    router_layers: list[int] = Field(
+        default=[6, 10, 16],
+        min_length=1,
+        description="Backbone layers (1-based) whose mean-pooled hidden states, concatenated, feed the router "
+        "(JSON list in MOE_ROUTER_LAYERS). Routing runs the backbone up to the deepest one.",
     )
     router_top_k: int = Field(default=1, ge=1, le=8, description="Experts mixed per request by the router.")
     router_abstain_threshold: float | None = Field(

@@ -37,6 +37,8 @@ class TrainConfig:
     """Shuffling and dropout seed."""
     max_steps: int | None = None
     """Stop after this many steps (smoke tests); None = all epochs."""
+    keep_best_epoch: bool = True
+    """Score the held-out set after every epoch and keep the weights of the best epoch (early stopping)."""
 
 
 @dataclass
@@ -138,8 +140,12 @@ def train_lora(
     config: TrainConfig,
     pad_id: int,
     on_step: Callable[[int, float, int], None] | None = None,
+    on_epoch: Callable[[int], float] | None = None,
 ) -> list[float]:
-    """Train the trainable (LoRA) parameters of `model`; returns the per-step mean loss."""
+    """Train the trainable (LoRA) parameters of `model`; returns the per-step mean loss.
+
+    `on_epoch(epoch)` returns a held-out loss; with `config.keep_best_epoch` the trainable weights of the
+    epoch with the lowest one are restored at the end (small domain sets overfit after a few epochs)."""
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     device = next(model.parameters()).device
@@ -163,8 +169,9 @@ def train_lora(
     model.train()
     losses: list[float] = []
     step = 0
+    best_loss, best_state = math.inf, None
     with tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True) as bar:
-        for _epoch in range(config.epochs):
+        for epoch in range(config.epochs):
             for group in length_grouped_batches(train, config.batch_size, rng):
                 if step >= total_steps:
                     break
@@ -182,5 +189,20 @@ def train_lora(
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")
                 if on_step is not None:
                     on_step(step, losses[-1], count)
+            if on_epoch is not None:
+                held_out = on_epoch(epoch + 1)
+                if held_out < best_loss:
+                    best_loss = held_out
+                    if config.keep_best_epoch and epoch + 1 < config.epochs:
+                        best_state = {id(p): p.detach().clone() for p in params}
+                    else:
+                        best_state = None  # the current weights are the best
+            if step >= total_steps:
+                break
+    if best_state is not None:
+        logger.info("Keeping the best epoch's weights (held-out loss %.4f)", best_loss)
+        with torch.no_grad():
+            for p in params:
+                p.copy_(best_state[id(p)])
     model.eval()
     return losses

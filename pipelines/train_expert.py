@@ -108,7 +108,14 @@ def train_adapter(
             if on_progress is not None:
                 on_progress(min(step / total, 1.0), f"step {step}/{total} loss {loss:.3f}")
 
-        losses = train_lora(peft_model, train_tok, config, pad_id, on_step=on_step)
+        def on_epoch(epoch: int) -> float:
+            loss = mean_nll(peft_model, val_tok, pad_id)
+            mlflow.log_metric("eval_loss_epoch", loss, step=epoch)
+            logger.info("%s: epoch %d held-out loss %.4f (base %.4f)", name, epoch, loss, base_loss)
+            return loss
+
+        losses = train_lora(peft_model, train_tok, config, pad_id, on_step=on_step,
+                            on_epoch=on_epoch if config.epochs > 1 else None)
         expert_loss = mean_nll(peft_model, val_tok, pad_id)
         mlflow.log_metrics(
             {"eval_loss_expert": expert_loss, "eval_loss_reduction": 1 - expert_loss / base_loss}

@@ -50,10 +50,11 @@ OPS: tuple[Callable[[str, random.Random], str], ...] = (_lower, _strip_punctuati
 
 
 def augment(texts: Sequence[str], seed: int = 0) -> list[str]:
-    """One variant per text, each with two random operations."""
-    rng = random.Random(seed)
+    """One variant per text, each with two random operations. The randomness is seeded per text, so a text gets
+    the same variant in every retrain and its features come from the feature cache."""
     out = []
     for text in texts:
+        rng = random.Random(f"{seed}:{text}")
         variant = text
         for op in rng.sample(OPS, k=2):
             variant = op(variant, rng)

@@ -1,4 +1,4 @@
-"""A disk cache of routing features keyed by (backbone fingerprint, layer, text): retraining the router after
+"""A disk cache of routing features keyed by (backbone fingerprint, layers, text): retraining the router after
 a new expert or new feedback encodes only the new texts. Stored as safetensors (one matrix) plus a JSON
 index, never pickled."""
 
@@ -22,9 +22,10 @@ def text_key(text: str) -> str:
 
 
 class FeatureCache:
-    def __init__(self, folder: Path, fingerprint: str, layer: int) -> None:
-        self.matrix_path = folder / f"{fingerprint}-L{layer}.safetensors"
-        self.index_path = folder / f"{fingerprint}-L{layer}.json"
+    def __init__(self, folder: Path, fingerprint: str, layers_name: str) -> None:
+        """`layers_name` names the feature layout, e.g. 'L6-10-16' (router.features.layers_key)."""
+        self.matrix_path = folder / f"{fingerprint}-{layers_name}.safetensors"
+        self.index_path = folder / f"{fingerprint}-{layers_name}.json"
         self._lock = threading.Lock()
         self.index: dict[str, int] = {}
         self.matrix: torch.Tensor | None = None

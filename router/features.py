@@ -1,6 +1,6 @@
-"""Routing features from the shared backbone: mean-pooled hidden states of one early-to-middle layer over
-the prompt tokens, adapters off. A forward hook stops the pass at that layer, so routing costs only the
-layers below it; a router that owns its backbone copy drops the rest with `truncate`."""
+"""Routing features from the shared backbone: mean-pooled hidden states of a few early-to-middle layers over
+the prompt tokens, adapters off. A forward hook stops the pass at the deepest of them, so routing costs only
+the layers below it; a router that owns its backbone copy drops the rest with `truncate`."""
 
 from __future__ import annotations
 
@@ -24,34 +24,53 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     return decoder.layers
 
 
+def layers_key(layers: Sequence[int]) -> str:
+    """A stable name for a layer set: (6, 10, 16) -> 'L6-10-16' (cache files, logs)."""
+    return "L" + "-".join(str(layer) for layer in sorted(set(layers)))
+
+
 class FeatureEncoder:
-    """Texts -> [N, hidden] float32 features from backbone layer `layer` (1-based: output of layer `layer`)."""
+    """Texts -> [N, hidden * len(layers)] float32 features: the mean-pooled output of each listed backbone layer
+    (1-based), concatenated in ascending layer order. Shallow layers carry wording and register, deeper ones
+    topic; together they route better than any single layer (docs/benchmarks.md, router layer study)."""
 
     def __init__(
-        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layer: int, max_tokens: int = 256
+        self, model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, layers: Sequence[int] | int,
+        max_tokens: int = 256,
     ) -> None:
-        layers = decoder_layers(model)
-        if not 1 <= layer <= len(layers):
-            raise ValueError(f"router layer {layer} outside 1..{len(layers)} (MOE_ROUTER_LAYER)")
+        decoder_stack = decoder_layers(model)
+        wanted = sorted({layers} if isinstance(layers, int) else set(layers))
+        if not wanted or not all(1 <= layer <= len(decoder_stack) for layer in wanted):
+            raise ValueError(f"router layers {wanted} must lie in 1..{len(decoder_stack)} (MOE_ROUTER_LAYERS)")
         self.model = model
         self.tokenizer = tokenizer
-        self.layer = layer
+        self.layers: tuple[int, ...] = tuple(wanted)
         self.max_tokens = max_tokens
-        self._captured: torch.Tensor | None = None
-        self._active = False  # the hook only stops passes started by encode(); generation runs through
-        layers[layer - 1].register_forward_hook(self._hook)
+        self._captured: dict[int, torch.Tensor] = {}
+        self._active = False  # the hooks only act in passes started by encode(); generation runs through
+        for layer in self.layers:
+            decoder_stack[layer - 1].register_forward_hook(self._make_hook(layer))
 
-    def _hook(self, _module: nn.Module, _inputs: tuple, output: object) -> None:
-        if not self._active:
-            return
-        self._captured = output[0] if isinstance(output, tuple) else output
-        raise _StopForward
+    @property
+    def output_size(self) -> int:
+        return self.model.config.hidden_size * len(self.layers)
+
+    def _make_hook(self, layer: int):
+        def hook(_module: nn.Module, _inputs: tuple, output: object) -> None:
+            if not self._active:
+                return
+            self._captured[layer] = output[0] if isinstance(output, tuple) else output
+            if layer == self.layers[-1]:
+                raise _StopForward  # nothing above the deepest routing layer is needed
+
+        return hook
 
     def truncate(self) -> None:
-        """Drop every layer above `layer` and the LM head: this copy of the backbone is the router's alone."""
+        """Drop every layer above the deepest routing layer and the LM head: this backbone copy is the
+        router's alone."""
         decoder = self.model.get_decoder()
-        decoder.layers = decoder.layers[: self.layer]
-        self.model.config.num_hidden_layers = self.layer
+        decoder.layers = decoder.layers[: self.layers[-1]]
+        self.model.config.num_hidden_layers = self.layers[-1]
         if hasattr(self.model, "lm_head"):
             self.model.lm_head = nn.Identity()
 
@@ -62,10 +81,10 @@ class FeatureEncoder:
     @torch.no_grad()
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         if not texts:
-            return torch.zeros(0, self.model.config.hidden_size)
+            return torch.zeros(0, self.output_size)
         # Longest first: batches pad little; the original order is restored at the end.
         order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
-        out = torch.zeros(len(texts), self.model.config.hidden_size)
+        out = torch.zeros(len(texts), self.output_size)
         starts = range(0, len(order), batch_size)
         for start in tqdm(starts, desc="route features", unit="batch", disable=not progress):
             index = order[start : start + batch_size]
@@ -76,15 +95,17 @@ class FeatureEncoder:
             ids = batch["input_ids"].to(self.device)
             mask = batch["attention_mask"].to(self.device)
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            self._captured, self._active = None, True
+            self._captured, self._active = {}, True
             try:
                 self.model(input_ids=ids, attention_mask=mask, position_ids=positions, use_cache=False)
             except _StopForward:
                 pass
             finally:
                 self._active = False
-            hidden = self._captured.float()  # [B, T, H]
             weights = mask.unsqueeze(-1).float()  # [B, T, 1]
-            pooled = (hidden * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, H]
-            out[index] = pooled.cpu()
+            pooled = [
+                (self._captured[layer].float() * weights).sum(1) / weights.sum(1).clamp(min=1)  # [B, H]
+                for layer in self.layers
+            ]
+            out[index] = torch.cat(pooled, dim=-1).cpu()  # [B, H * len(layers)]
         return out

@@ -22,9 +22,10 @@ class GateConfig:
     labels: list[str]
     """Gate columns in order: expert names, then 'base'."""
     input_size: int
-    """Feature size (the backbone's hidden size)."""
-    layer: int
-    """Backbone layer the features come from (must match at serving time)."""
+    """Feature size (the backbone's hidden size times the number of layers)."""
+    layers: list[int]
+    """Backbone layers (1-based, ascending) whose pooled outputs are concatenated into the features; must
+    match at serving time."""
     hidden_size: int = 256
     """Width of the gate's hidden layer."""
     dropout: float = 0.1
@@ -160,7 +161,9 @@ class Router:
 
     @classmethod
     def load(cls, folder: Path, version: int | None = None) -> Router:
-        config = GateConfig(**json.loads((folder / "router.json").read_text()))
-        gate = Gate(config)
+        raw = json.loads((folder / "router.json").read_text())
+        if "layer" in raw:  # routers saved before multi-layer features: one layer
+            raw["layers"] = [raw.pop("layer")]
+        gate = Gate(GateConfig(**raw))
         gate.load_state_dict(load_file(str(folder / "router.safetensors")))
         return cls(gate, version=version)

@@ -39,4 +39,4 @@ def router_loss(
     bal = load_balancing_loss(logits)
     z = z_loss(logits)
     total = ce + load_balance_coef * bal + z_loss_coef * z
-    return total, {"ce": float(ce), "load_balance": float(bal), "z": float(z)}
+    return total, {"ce": ce.detach().item(), "load_balance": bal.detach().item(), "z": z.detach().item()}

@@ -32,18 +32,23 @@ class RoutingService:
         self.own_backbone = own_backbone
         self.router: Router | None = None
         self.allowed: set[str] = set()
-        self._encoders: dict[int, FeatureEncoder] = {}
+        self._encoders: dict[tuple[int, ...], FeatureEncoder] = {}
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()  # one encoder pass at a time: the early-exit hook holds state
         self.checked_at = 0.0
 
-    def _encoder(self, layer: int) -> FeatureEncoder:
-        if layer not in self._encoders:
-            encoder = FeatureEncoder(self.model, self.tokenizer, layer)
+    def _encoder(self, layers: Sequence[int]) -> FeatureEncoder:
+        key = tuple(sorted(layers))
+        if key not in self._encoders:
+            if self.own_backbone and self._encoders and max(key) > self.model.config.num_hidden_layers:
+                raise RouterNotTrainedError(
+                    f"Router needs layer {max(key)} but this router copy was truncated; restart the ingress."
+                )
+            encoder = FeatureEncoder(self.model, self.tokenizer, key)
             if self.own_backbone and not self._encoders:
                 encoder.truncate()  # this backbone copy serves routing only: keep the layers it needs
-            self._encoders[layer] = encoder
-        return self._encoders[layer]
+            self._encoders[key] = encoder
+        return self._encoders[key]
 
     def refresh(self) -> bool:
         """Load the active router and the set of routable experts; True when the version changed."""
@@ -59,7 +64,7 @@ class RoutingService:
                 return False
             if self.router is None or self.router.version != active.version:
                 self.router = Router.load(Path(active.path), active.version)
-                self._encoder(self.router.config.layer)
+                self._encoder(self.router.config.layers)
                 logger.info("Router v%d active (%s)", active.version, ", ".join(self.router.labels))
                 changed = True
         return changed
@@ -79,7 +84,7 @@ class RoutingService:
         if router is None:
             raise RouterNotTrainedError("No router is active yet; run `moe router train`.")
         with self._encode_lock:
-            features = self._encoder(router.config.layer).encode(texts, batch_size=batch_size, progress=progress)
+            features = self._encoder(router.config.layers).encode(texts, batch_size=batch_size, progress=progress)
         return router.decide(
             features, top_k=top_k or self.settings.router_top_k,
             abstain_threshold=self.settings.router_abstain_threshold, allowed=allowed,

@@ -7,7 +7,8 @@ from __future__ import annotations
 import itertools
 import logging
 import math
-from dataclasses import dataclass
+from collections.abc import Sequence
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
@@ -29,12 +30,18 @@ class RouterTrainConfig:
     """Rows per step, drawn class-balanced (every label equally likely)."""
     learning_rate: float = 2e-3
     """AdamW learning rate."""
+    warm_learning_rate: float = 5e-4
+    """AdamW learning rate when warm-starting from the active router's gate (a new expert, a retrain from
+    logs): smaller steps keep the existing experts' decisions, so their recall does not drift by chance."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     hidden_size: int = 256
     """Width of the gate's hidden layer."""
     dropout: float = 0.2
     """Dropout inside the gate."""
+    balance_power: float = 1.0
+    """Sampling weight per row is count(label) ** -balance_power: 1 draws every label equally often, 0 keeps
+    the data's frequencies. Full balance protects small experts' recall; less over-predicts them less."""
     exploration: Literal["none", "noisy", "gumbel"] = "noisy"
     """noisy: Gaussian noise on the logits (noisy top-k); gumbel: Gumbel-softmax relaxation."""
     noise_std: float = 0.3
@@ -70,7 +77,8 @@ def fit_gate(
     gate.feature_std.copy_(std)
     counts = torch.bincount(labels, minlength=len(config.labels)).float()
     present = counts > 0
-    row_weights = (1.0 / counts.clamp(min=1))[labels]  # class-balanced sampling
+    # class-balanced sampling: each label drawn with probability ~ count ** (1 - balance_power)
+    row_weights = counts.clamp(min=1).pow(-train.balance_power)[labels]
     steps_per_epoch = max(1, math.ceil(len(labels) / train.batch_size))
     optimizer = torch.optim.AdamW(gate.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     total = steps_per_epoch * train.epochs
@@ -96,7 +104,7 @@ def fit_gate(
         optimizer.step()
         scheduler.step()
         if (step + 1) % max(1, total // 5) == 0:
-            logger.info("router step %d/%d loss %.4f %s", step + 1, total, float(loss), parts)
+            logger.info("router step %d/%d loss %.4f %s", step + 1, total, loss.item(), parts)
     return gate.eval()
 
 
@@ -169,18 +177,19 @@ def train_router_on_features(
     train_y: torch.Tensor,
     val_x: torch.Tensor,
     val_y: torch.Tensor,
-    layer: int,
+    layers: Sequence[int],
     fingerprint: str,
     train: RouterTrainConfig,
     init: Gate | None = None,
 ) -> Router:
     config = GateConfig(
-        labels=labels_order, input_size=train_x.shape[1], layer=layer, hidden_size=train.hidden_size,
+        labels=labels_order, input_size=train_x.shape[1], layers=sorted(layers), hidden_size=train.hidden_size,
         dropout=train.dropout, top_k=train.top_k, backbone_fingerprint=fingerprint,
     )
     if init is not None:
         init = init.grow(labels_order)
         init.config.dropout = train.dropout
+        train = replace(train, learning_rate=train.warm_learning_rate)
     gate = fit_gate(train_x, train_y, config if init is None else init.config, train, init=init)
     gate.config.temperature = fit_temperature(gate, val_x, val_y) if len(val_y) else 1.0
     router = Router(gate)

@@ -96,7 +96,7 @@ def settings(tmp_path: Path, tiny_backbone_dir: Path) -> Settings:
     return Settings(
         home=tmp_path / "home",
         backbone=str(tiny_backbone_dir),
-        router_layer=1,
+        router_layers=[1, 2],
         lora_rank=4,
         lora_alpha=8,
         max_prompt_tokens=256,
@@ -121,6 +121,19 @@ def domain_data(tmp_path: Path) -> dict[str, Path]:
                 handle.write(json.dumps(record) + "\n")
         files[domain] = path
     return files
+
+
+@pytest.fixture(scope="session")
+def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """One backbone conversion and one routing-feature cache for all integration tests of a session: the
+    features of the seed prompts are encoded once, not once per data home."""
+    return tmp_path_factory.mktemp("moe-cache")
+
+
+def home_with_shared_cache(tmp_path_factory: pytest.TempPathFactory, shared: Path, name: str) -> Path:
+    home = tmp_path_factory.mktemp(name)
+    (home / "cache").symlink_to(shared, target_is_directory=True)
+    return home
 
 
 def free_port() -> int:

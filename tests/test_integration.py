@@ -16,7 +16,7 @@ import pytest
 
 from core.settings import Settings
 from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_DOMAINS
-from tests.conftest import free_port
+from tests.conftest import free_port, home_with_shared_cache
 
 pytestmark = pytest.mark.integration
 
@@ -34,7 +34,7 @@ def _missing() -> str | None:
 
 
 @pytest.fixture(scope="session")
-def live(tmp_path_factory):
+def live(tmp_path_factory, shared_cache):
     reason = _missing()
     if reason:
         pytest.skip(reason)
@@ -48,8 +48,8 @@ def live(tmp_path_factory):
     from registry.db import session_factory
 
     os.environ.update(LOCAL_ENV)
-    settings = Settings(home=tmp_path_factory.mktemp("moe-home"), port=free_port(), max_new_tokens=64,
-                        max_prompt_tokens=512, admin_token=ADMIN)
+    home = home_with_shared_cache(tmp_path_factory, shared_cache, "moe-home")
+    settings = Settings(home=home, port=free_port(), max_new_tokens=64, max_prompt_tokens=512, admin_token=ADMIN)
     sessions = session_factory(settings)
     backbone = load_backbone(settings)
     ensure_defaults(settings, sessions, backbone)
@@ -170,7 +170,8 @@ def test_cli_route_and_eval_qa(live, tmp_path):
 
 
 def test_register_fifth_domain_under_steady_traffic(live):
-    """Issue 5: a new domain trained from a small dataset goes live in a running service under traffic."""
+    """Issue 5: a new domain (a farmers' cooperative advisory desk) trained from a small dataset goes live in a
+    running service under traffic."""
     import threading
 
     import httpx
@@ -186,20 +187,20 @@ def test_register_fifth_domain_under_steady_traffic(live):
             i = 0
             while not stop.is_set():
                 model = ("auto", "legal", "auto")[i % 3]
-                text = (MEDICAL, FINANCE, "How many vacation days do I get this year?")[i % 3]
+                text = (MEDICAL, FINANCE, "My wheat has yellow stripes on the lower leaves, what is it?")[i % 3]
                 r = http.post(live["url"] + "/v1/chat/completions",
                               json={"model": model, "max_tokens": 4, "messages": [{"role": "user", "content": text}]})
                 statuses.append(r.status_code)
                 i += 1
-                stop.wait(0.5)  # steady, light traffic: the job's training shares these two cores
+                stop.wait(1.5)  # steady, light traffic: the job's training shares these two cores
 
     auth = {"Authorization": f"Bearer {ADMIN}"}
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
         response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json={
-            "name": "hr", "description": "Human resources policies", "epochs": 2,
-            "data_path": str(DATA / "hr.jsonl"), "prompts_path": str(DATA / "hr_prompts.jsonl")})
+            "name": "agronomy", "description": "Crops, soil, livestock and farm practice", "epochs": 2,
+            "data_path": str(DATA / "agronomy.jsonl"), "prompts_path": str(DATA / "agronomy_prompts.jsonl")})
         assert response.status_code == 202, response.text
         job_id = response.json()["job_id"]
         deadline = time.monotonic() + 1500
@@ -216,11 +217,11 @@ def test_register_fifth_domain_under_steady_traffic(live):
         stop.set()
         thread.join(timeout=120)
     assert statuses and set(statuses) == {200}, f"failed requests under traffic: {set(statuses)}"
-    _, fresh = split_texts(load_texts(DATA / "hr_prompts.jsonl"))
+    _, fresh = split_texts(load_texts(DATA / "agronomy_prompts.jsonl"))
     routed = [httpx.post(live["url"] + "/v1/route", json={"text": t}, timeout=30).json()["experts"][0]["name"]
               for t in fresh]
-    assert routed.count("hr") / len(routed) >= 0.8, routed
-    hr_text = next(t for t, r in zip(fresh, routed, strict=True) if r == "hr")
+    assert routed.count("agronomy") / len(routed) >= 0.8, routed
+    domain_text = next(t for t, r in zip(fresh, routed, strict=True) if r == "agronomy")
     answer = httpx.post(live["url"] + "/v1/chat/completions", timeout=120, json={
-        "model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": hr_text}]}).json()
-    assert answer["moe"]["experts"][0]["name"] == "hr"
+        "model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": domain_text}]}).json()
+    assert answer["moe"]["experts"][0]["name"] == "agronomy"

@@ -19,7 +19,7 @@ GENERAL = ["write a poem about the sea", "translate hello into french", "tell me
 
 
 def _router(labels, logits_bias, threshold=0.0, top_k=2):
-    config = GateConfig(labels=labels, input_size=4, layer=1, top_k=top_k, abstain_threshold=threshold)
+    config = GateConfig(labels=labels, input_size=4, layers=[1], top_k=top_k, abstain_threshold=threshold)
     gate = Gate(config)
     with torch.no_grad():
         for p in gate.net.parameters():
@@ -83,9 +83,12 @@ def test_save_load_round_trip(tmp_path):
 
 
 def test_features_stop_early_and_leave_generation_alone(backbone):
-    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, layer=1)
+    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, layers=[2, 1])
     feats = encoder.encode(["hello there", "my order never arrived at all"])
-    assert feats.shape == (2, backbone.hidden_size)
+    assert feats.shape == (2, 2 * backbone.hidden_size)  # layer 1 then layer 2, concatenated
+    only_first = FeatureEncoder(backbone.model, backbone.tokenizer, layers=1).encode(["hello there"])
+    torch.testing.assert_close(feats[0, : backbone.hidden_size], only_first[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(feats[0, : backbone.hidden_size], feats[0, backbone.hidden_size :])
     # same text padded in a batch or alone gives the same features
     alone = encoder.encode(["hello there"])
     torch.testing.assert_close(feats[0], alone[0], rtol=1e-4, atol=1e-4)
@@ -142,3 +145,20 @@ def test_feature_cache_encodes_only_new_texts(tmp_path):
     assert again[:, 0].tolist() == [2.0, 3.0] and calls[-1] == ["ccc"]
     (tmp_path / "fp-x-L2.safetensors").write_bytes(b"garbage")
     assert FeatureCache(tmp_path, "fp-x", 2).lookup(["a"], fake_encode)[0, 0] == 1.0  # damaged cache rebuilt
+
+
+def test_promotion_rule_guards_experts_new_labels_and_accuracy():
+    from pipelines.train_router import compare
+
+    def metrics(accuracy, **recall):
+        return {"accuracy": accuracy, "per_label": {k: {"recall": v, "support": 10} for k, v in recall.items()}}
+
+    active = metrics(0.90, a=0.95, b=0.90, base=0.90)
+    assert compare(metrics(0.91, a=0.95, b=0.89, base=0.80), active, [])[0]  # base is not an expert
+    ok, reasons = compare(metrics(0.91, a=0.92, b=0.95, base=0.90), active, [])
+    assert not ok and reasons == ["a recall 0.920 dropped from 0.950"]
+    ok, reasons = compare(metrics(0.89, a=0.95, b=0.90, base=0.90), active, [])
+    assert not ok and "accuracy 0.890 < active 0.900" in reasons
+    ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
+    assert not ok and reasons == ["new label c recall 0.850 < 0.9"]
+    assert compare(metrics(0.5, a=0.1), None, []) == (True, ["no active router"])

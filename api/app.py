@@ -83,6 +83,12 @@ class BodyLimitMiddleware:
         await self.app(scope, replay, send)
 
 
+def _usage(last: dict) -> Usage:
+    """OpenAI `usage` from the engine's final event."""
+    prompt, completion = last.get("prompt_tokens", 0), last.get("completion_tokens", 0)
+    return Usage(prompt_tokens=prompt, completion_tokens=completion, total_tokens=prompt + completion)
+
+
 def _moe_info(dispatch: Dispatch) -> MoEInfo:
     return MoEInfo(
         experts=[ExpertWeight(name=n, weight=round(w, 4)) for n, w in dispatch.experts],
@@ -177,8 +183,7 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
         if body.stream:
             return await _sse(gw, dispatch, chat=True)
         text, last = await _collect(gw, dispatch)
-        usage = Usage(prompt_tokens=last.get("prompt_tokens", 0), completion_tokens=last.get("completion_tokens", 0),
-                      total_tokens=last.get("prompt_tokens", 0) + last.get("completion_tokens", 0))
+        usage = _usage(last)
         return ChatCompletionResponse(
             id=dispatch.request_id, model=body.model, usage=usage, moe=_moe_info(dispatch),
             choices=[ChatChoice(message=ChatMessage(role="assistant", content=text),
@@ -191,8 +196,7 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
         if body.stream:
             return await _sse(gw, dispatch, chat=False)
         text, last = await _collect(gw, dispatch)
-        usage = Usage(prompt_tokens=last.get("prompt_tokens", 0), completion_tokens=last.get("completion_tokens", 0),
-                      total_tokens=last.get("prompt_tokens", 0) + last.get("completion_tokens", 0))
+        usage = _usage(last)
         return CompletionResponse(
             id=dispatch.request_id, model=body.model, usage=usage, moe=_moe_info(dispatch),
             choices=[CompletionChoice(text=text, finish_reason=last.get("finish_reason"))],

@@ -78,8 +78,9 @@ async def drive(url: str, work: list[tuple[str, str]], clients: int, max_tokens:
     return tokens, elapsed
 
 
-def plain_baseline_app(backbone, max_tokens: int) -> FastAPI:
-    model = PeftModel.from_pretrained(copy.deepcopy(backbone.model), DEFAULT_ADAPTERS_DIR / DOMAINS[0],
+def plain_baseline_app(backbone, bare_model, max_tokens: int) -> FastAPI:
+    """`bare_model`: an untouched copy of the backbone (the engine wraps `backbone.model` in place)."""
+    model = PeftModel.from_pretrained(bare_model, DEFAULT_ADAPTERS_DIR / DOMAINS[0],
                                       adapter_name=DOMAINS[0])
     for domain in DOMAINS[1:]:
         model.load_adapter(str(DEFAULT_ADAPTERS_DIR / domain), adapter_name=domain)
@@ -116,6 +117,7 @@ def main() -> None:
     # 1. in-process engine, same experts
     from experts.adapters import load_lora_weights
 
+    bare_model = copy.deepcopy(backbone.model)  # for the plain baseline, before the engine wraps the layers
     engine = GenerationEngine(backbone, settings).start()
     for domain in DOMAINS:
         engine.add_adapter(load_lora_weights(DEFAULT_ADAPTERS_DIR / domain, domain))
@@ -132,7 +134,7 @@ def main() -> None:
 
     # 3. plain baseline (before Ray, so the two never share the CPU)
     port = free_port()
-    server = uvicorn.Server(uvicorn.Config(plain_baseline_app(backbone, args.max_tokens), host="127.0.0.1",
+    server = uvicorn.Server(uvicorn.Config(plain_baseline_app(backbone, bare_model, args.max_tokens), host="127.0.0.1",
                                            port=port, log_level="warning"))
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()

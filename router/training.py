@@ -39,9 +39,6 @@ class RouterTrainConfig:
     """Width of the gate's hidden layer."""
     dropout: float = 0.2
     """Dropout inside the gate."""
-    balance_power: float = 1.0
-    """Sampling weight per row is count(label) ** -balance_power: 1 draws every label equally often, 0 keeps
-    the data's frequencies. Full balance protects small experts' recall; less over-predicts them less."""
     exploration: Literal["none", "noisy", "gumbel"] = "noisy"
     """noisy: Gaussian noise on the logits (noisy top-k); gumbel: Gumbel-softmax relaxation."""
     noise_std: float = 0.3
@@ -77,8 +74,7 @@ def fit_gate(
     gate.feature_std.copy_(std)
     counts = torch.bincount(labels, minlength=len(config.labels)).float()
     present = counts > 0
-    # class-balanced sampling: each label drawn with probability ~ count ** (1 - balance_power)
-    row_weights = counts.clamp(min=1).pow(-train.balance_power)[labels]
+    row_weights = (1.0 / counts.clamp(min=1))[labels]  # class-balanced sampling
     steps_per_epoch = max(1, math.ceil(len(labels) / train.batch_size))
     optimizer = torch.optim.AdamW(gate.parameters(), lr=train.learning_rate, weight_decay=train.weight_decay)
     total = steps_per_epoch * train.epochs

@@ -38,18 +38,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--router", action="store_true", help="also train the shipped default router")
     parser.add_argument("--epochs", type=int, default=3)
     parser.add_argument("--learning-rate", type=float, default=3e-4)
+    parser.add_argument("--output", type=Path, default=DEFAULT_ADAPTERS_DIR,
+                        help="folder for the adapters and metrics.json (default: the shipped experts/default_adapters)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     settings = Settings()
     backbone = load_backbone(settings)
-    metrics_path = DEFAULT_ADAPTERS_DIR / "metrics.json"
+    metrics_path = args.output / "metrics.json"
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     config = TrainConfig(epochs=args.epochs, learning_rate=args.learning_rate)
     for domain in args.domains:
         train, val = seed_qa(domain)
         with mlflow_run(settings, run_name=f"default-expert:{domain}", tags={"kind": "train_expert"}):
             result = train_adapter(
-                settings, backbone, domain, train, val, DEFAULT_ADAPTERS_DIR / domain, config, save_dtype=torch.bfloat16
+                settings, backbone, domain, train, val, args.output / domain, config, save_dtype=torch.bfloat16
             )
         metrics[domain] = {
             "eval_loss_base": round(result.base_loss, 4),

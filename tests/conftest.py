@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import logging
-import socket
 from pathlib import Path
 
 import pytest
@@ -130,18 +129,10 @@ def shared_cache(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return tmp_path_factory.mktemp("moe-cache")
 
 
-def home_with_shared_cache(tmp_path_factory: pytest.TempPathFactory, shared: Path, name: str) -> Path:
-    home = tmp_path_factory.mktemp(name)
-    (home / "cache").symlink_to(shared, target_is_directory=True)
-    return home
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
 @pytest.fixture(autouse=True)
 def _quiet_logs(caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
+
+
+# The session-wide live service (Ray Serve + the real backbone) for integration tests; one per session.
+from tests.live_service import live  # noqa: E402, F401

@@ -13,7 +13,7 @@ import pytest
 from core.settings import Settings
 from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_ROUTER_DIR, seed_prompts
 from router.gate import BASE
-from tests.conftest import home_with_shared_cache
+from tests.live_service import home_with_shared_cache
 
 pytestmark = pytest.mark.integration
 

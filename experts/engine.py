@@ -120,7 +120,9 @@ class GenerationEngine:
         self._mask: torch.Tensor | None = None  # [B, L]
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
-        self.stats = {"steps": 0, "tokens": 0, "prefills": 0, "rows_max": 0}
+        self.stats: dict[str, float] = {"steps": 0, "tokens": 0, "prefills": 0, "rows_max": 0,
+                                        "decode_s": 0.0, "decode_tokens": 0, "prefill_s": 0.0}
+        """Counters since start; decode_s / decode_tokens give decode throughput without prefill."""
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> GenerationEngine:
@@ -271,9 +273,15 @@ class GenerationEngine:
                 self._drop_cancelled()
                 admitted = self._admit()
                 if admitted:
+                    started = time.perf_counter()
                     self._prefill(admitted)
+                    self.stats["prefill_s"] += time.perf_counter() - started
                 if self._rows:
+                    started = time.perf_counter()
+                    rows = len(self._rows)
                     self._decode()
+                    self.stats["decode_s"] += time.perf_counter() - started
+                    self.stats["decode_tokens"] += rows
             except Exception as exc:  # a failed step fails its rows, never the engine
                 logger.exception("Engine step failed")
                 for row in self._rows:

@@ -41,19 +41,25 @@ def _peft_logits(base, adapter_dir: Path, ids: torch.Tensor) -> torch.Tensor:
         return model(input_ids=ids).logits
 
 
-@pytest.mark.parametrize("stacked_max_columns", [1024, 0], ids=["stacked", "gathered"])
-def test_mixed_batch_matches_peft(backbone, adapters, stacked_max_columns):
+KERNELS = pytest.mark.parametrize(
+    ("stacked_max_columns", "compact_max_columns", "kernel"),
+    [(1024, 1024, "stacked"), (0, 1024, "compact"), (0, 0, "gathered")], ids=["stacked", "compact", "gathered"],
+)
+
+
+@KERNELS
+def test_mixed_batch_matches_peft(backbone, adapters, stacked_max_columns, compact_max_columns, kernel):
     base = copy.deepcopy(backbone.model)
     ids = torch.randint(0, backbone.model.config.vocab_size, (4, 7))
     expected = {name: _peft_logits(base, path, ids) for name, path in adapters.items()}
     with torch.no_grad():
         bare = base(input_ids=ids).logits
 
-    engine = MultiLoraModel(backbone.model, stacked_max_columns=stacked_max_columns)
+    engine = MultiLoraModel(backbone.model, stacked_max_columns, compact_max_columns)
     for name, path in adapters.items():
         engine.add_adapter(load_lora_weights(path, name))
-    assert engine.use_stacked() == (stacked_max_columns > 0)
     mixtures = [[("a", 1.0)], [("b", 1.0)], [], [("c", 1.0)]]
+    assert engine.kernel_for(mixtures) == kernel
     with torch.no_grad(), engine.routing(mixtures):
         out = backbone.model(input_ids=ids).logits
     torch.testing.assert_close(out[0], expected["a"][0], rtol=1e-4, atol=1e-4)
@@ -65,11 +71,11 @@ def test_mixed_batch_matches_peft(backbone, adapters, stacked_max_columns):
         torch.testing.assert_close(backbone.model(input_ids=ids).logits, bare, rtol=1e-5, atol=1e-5)
 
 
-@pytest.mark.parametrize("stacked_max_columns", [1024, 0], ids=["stacked", "gathered"])
-def test_top2_mixture_is_weighted_sum_of_deltas(backbone, adapters, stacked_max_columns):
+@KERNELS
+def test_top2_mixture_is_weighted_sum_of_deltas(backbone, adapters, stacked_max_columns, compact_max_columns, kernel):
     """A top-2 row equals W x + 0.7 * delta_a + 0.3 * delta_b at every adapted layer; checked on a
     single adapted layer where the combination is exactly linear."""
-    engine = MultiLoraModel(backbone.model, stacked_max_columns=stacked_max_columns)
+    engine = MultiLoraModel(backbone.model, stacked_max_columns, compact_max_columns)
     weights = {name: load_lora_weights(path, name) for name, path in adapters.items()}
     for w in weights.values():
         engine.add_adapter(w)
@@ -99,3 +105,36 @@ def test_remove_and_replace_adapter(backbone, adapters):
     with pytest.raises(KeyError):
         engine.set_mixtures([[("a", 1.0)]])
     assert engine.adapter_bytes() > 0
+
+
+def test_siblings_share_one_projection_and_bare_weights_survive(backbone, adapters):
+    """q/k/v read one input: the group's A runs once per input tensor; a sibling called alone with another input
+    still gets its own correct delta; removing every adapter leaves the base weights exactly as they were."""
+    original = {n: p.detach().clone() for n, p in backbone.model.named_parameters()}
+    engine = MultiLoraModel(backbone.model)
+    weights = {name: load_lora_weights(path, name) for name, path in adapters.items()}
+    for w in weights.values():
+        engine.add_adapter(w)
+    prefix = "model.layers.1.self_attn."
+    q, k = engine.layers[prefix + "q_proj"], engine.layers[prefix + "k_proj"]
+    assert q.group is k.group and len(q.group.members) == 3
+    x, other = torch.randn(2, 3, q.in_features), torch.randn(2, 3, q.in_features)
+
+    def expected(layer, path, inp, name):
+        a, b = weights[name].modules[path]
+        return layer.base(inp) + inp @ a.t() @ b.t()
+
+    with torch.no_grad(), engine.routing([[("b", 1.0)], [("a", 1.0)]]):
+        q_out = q(x)
+        cached = q.group.cached(x)
+        k_out = k(x)
+        assert q.group.cached(x) is cached  # k reused q's projection of the same tensor
+        k_other = k(other)  # a different input: computed afresh
+    for out, layer, path, inp in ((q_out, q, prefix + "q_proj", x), (k_out, k, prefix + "k_proj", x),
+                                  (k_other, k, prefix + "k_proj", other)):
+        torch.testing.assert_close(out[0], expected(layer, path, inp, "b")[0], rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(out[1], expected(layer, path, inp, "a")[1], rtol=1e-5, atol=1e-5)
+    for name in list(engine.adapter_names):
+        engine.remove_adapter(name)
+    for n, p in backbone.model.named_parameters():
+        torch.testing.assert_close(p, original[n.replace(".base.", ".")], rtol=0, atol=0)

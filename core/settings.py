@@ -53,6 +53,11 @@ class Settings(BaseSettings):
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process; 0 = leave torch's default."
     )
+    job_torch_threads: int = Field(
+        default=0, ge=0,
+        description="torch threads of a background job (expert or router training); 0 = every core of the machine "
+        "(Ray starts zero-CPU tasks with one thread, which makes training several times slower).",
+    )
 
     # --- experts -------------------------------------------------------------------------
     lora_rank: int = Field(default=8, ge=1, le=256, description="Rank of newly trained LoRA experts.")
@@ -77,6 +82,11 @@ class Settings(BaseSettings):
         le=1.0,
         description="Route to the bare backbone when the top gate probability is below this. "
         "None = use the threshold calibrated at training time.",
+    )
+    router_retrain_after_labels: int = Field(
+        default=0, ge=0,
+        description="Start a `router retrain --from-logs` job once this many new labels (feedback naming an expert, "
+        "forced-expert requests) arrived since the newest router version; 0 = off. Promotion stays gated.",
     )
 
     # --- serving -------------------------------------------------------------------------

@@ -4,6 +4,7 @@ retraining the router. They run as Ray tasks when Ray is up (the service), else 
 from __future__ import annotations
 
 import logging
+import os
 import threading
 from collections.abc import Callable
 from pathlib import Path
@@ -14,6 +15,13 @@ from registry import repository as repo
 from registry.db import session_factory
 
 logger = logging.getLogger(__name__)
+
+
+def _job_threads(settings: Settings) -> None:
+    """Jobs are batch work: give torch the machine's cores (a zero-CPU Ray task starts with one thread)."""
+    import torch
+
+    torch.set_num_threads(settings.job_torch_threads or os.cpu_count() or 1)
 
 
 def _report(sessions, job_id: str, **fields: Any) -> None:
@@ -30,6 +38,7 @@ def expert_job(settings_payload: dict[str, Any], job_id: str, name: str, data: s
     from pipelines.train_router import backbone_encoder, train_router
 
     settings = Settings(**settings_payload)
+    _job_threads(settings)
     sessions = session_factory(settings, run_migrations=False)
     try:
         _report(sessions, job_id, status="running", message="loading backbone")
@@ -60,6 +69,7 @@ def adapter_job(settings_payload: dict[str, Any], job_id: str, name: str, adapte
     from pipelines.train_router import backbone_encoder, train_router
 
     settings = Settings(**settings_payload)
+    _job_threads(settings)
     sessions = session_factory(settings, run_migrations=False)
     try:
         _report(sessions, job_id, status="running", message="validating the adapter")
@@ -85,6 +95,7 @@ def router_job(settings_payload: dict[str, Any], job_id: str, from_logs: bool) -
     from pipelines.train_router import backbone_encoder, train_router
 
     settings = Settings(**settings_payload)
+    _job_threads(settings)
     sessions = session_factory(settings, run_migrations=False)
     try:
         _report(sessions, job_id, status="running", message="loading backbone")

@@ -159,7 +159,7 @@ def test_register_fifth_domain_under_steady_traffic(live):
     thread.start()
     try:
         response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json={
-            "name": "agronomy", "description": "Crops, soil, livestock and farm practice", "epochs": 2,
+            "name": "agronomy", "description": "Crops, soil, livestock and farm practice", "epochs": 1,
             "data_path": str(DATA / "agronomy.jsonl"), "prompts_path": str(DATA / "agronomy_prompts.jsonl")})
         assert response.status_code == 202, response.text
         job_id = response.json()["job_id"]

@@ -162,3 +162,26 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
     assert not ok and reasons == ["new label c recall 0.850 < 0.9"]
     assert compare(metrics(0.5, a=0.1), None, []) == (True, ["no active router"])
+
+
+def test_skewed_traffic_does_not_collapse_the_router():
+    """Issue 6: retraining on traffic that is 60:1 one expert must keep the minority experts' recall (class-
+    balanced batches plus the load-balancing loss), on overlapping clusters where a plain fit would drift."""
+    torch.manual_seed(0)
+    labels = ["finance", "legal", "medical", "support", BASE]
+    centres = torch.randn(5, 16) * 1.2
+
+    def sample(counts):
+        xs = [centres[i] + torch.randn(n, 16) for i, n in enumerate(counts)]
+        return torch.cat(xs), torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+
+    train_x, train_y = sample([1800, 30, 30, 30, 30])
+    val_x, val_y = sample([100, 100, 100, 100, 100])
+    from router.training import evaluate, train_router_on_features
+
+    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, [1], "", RouterTrainConfig(epochs=30))
+    metrics = evaluate(router, val_x, val_y)
+    recalls = {k: v["recall"] for k, v in metrics["per_label"].items()}
+    predicted_share = torch.bincount(router.probabilities(val_x).argmax(-1), minlength=5).float() / len(val_y)
+    assert min(recalls[k] for k in labels[1:]) >= 0.75, recalls
+    assert predicted_share.max() < 0.35, predicted_share  # balanced validation traffic stays spread

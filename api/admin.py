@@ -6,9 +6,11 @@ import uuid
 from typing import Any
 
 from fastapi import APIRouter, Depends, Request
+from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
 
 from api.auth import check_admin
+from api.errors import ADMIN_ERRORS, documented_errors
 from api.gateway import Gateway
 from core.errors import ConflictError, InvalidInputError
 from experts.adapters import validate_expert_name
@@ -31,7 +33,7 @@ class RetrainRouter(BaseModel):
 
 
 def build_admin_router(get_gateway) -> APIRouter:
-    router = APIRouter(prefix="/admin", tags=["admin"])
+    router = APIRouter(prefix="/admin", tags=["admin"], responses=documented_errors(ADMIN_ERRORS))
 
     def admin(request: Request) -> Gateway:
         gateway = get_gateway()
@@ -107,7 +109,7 @@ def build_admin_router(get_gateway) -> APIRouter:
         return {"job_id": job_id}
 
     @router.post("/routers/{version}/promote")
-    async def promote(version: int, gw: Gateway = Depends(admin)) -> dict[str, Any]:
+    async def promote(version: int = PathParam(ge=1, le=2**31 - 1), gw: Gateway = Depends(admin)) -> dict[str, Any]:
         with gw.sessions.begin() as session:
             repo.promote_router(session, version)
         gw.routing.refresh()

@@ -13,7 +13,7 @@ from fastapi.responses import Response, StreamingResponse
 
 from api.admin import build_admin_router
 from api.auth import check_api_key
-from api.errors import error_response, install_error_handlers, moe_error_response
+from api.errors import QUERY_ERRORS, documented_errors, error_response, install_error_handlers, moe_error_response
 from api.gateway import Dispatch, Gateway
 from api.schemas import (
     ChatChoice,
@@ -98,6 +98,14 @@ def _moe_info(dispatch: Dispatch) -> MoEInfo:
     )
 
 
+# OpenAPI: every documented status, so clients (and the schema fuzzer) know the error shape and SSE bodies.
+_ERRORS = documented_errors(QUERY_ERRORS)
+_STREAMED = {200: {"description": "A completion; with stream=true, server-sent events.",
+                   "content": {"text/event-stream": {"schema": {
+                       "type": "object", "required": ["data"],
+                       "properties": {"data": {"type": "string"}, "event": {"type": "string"}}}}}}}
+
+
 def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
     app = FastAPI(title="moe-lora", version="0.1.0",
                   description="One OpenAI-compatible endpoint over many LoRA experts on one backbone.")
@@ -175,9 +183,9 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
         stream = gw.stream(dispatch)
         head = await anext(stream)
         return StreamingResponse(events(stream, head), media_type="text/event-stream",
-                                 headers={"Cache-Control": "no-cache", "X-Request-Id": dispatch.request_id})
+                                 headers={"Cache-Control": "no-cache", "X-MoE-Request-Id": dispatch.request_id})
 
-    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse)
+    @app.post("/v1/chat/completions", response_model=ChatCompletionResponse, responses={**_STREAMED, **_ERRORS})
     async def chat_completions(body: ChatCompletionRequest, gw: Gateway = Depends(api_key)):
         dispatch = await gw.prepare(body)
         if body.stream:
@@ -190,7 +198,7 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
                                 finish_reason=last.get("finish_reason"))],
         )
 
-    @app.post("/v1/completions", response_model=CompletionResponse)
+    @app.post("/v1/completions", response_model=CompletionResponse, responses={**_STREAMED, **_ERRORS})
     async def completions(body: CompletionRequest, gw: Gateway = Depends(api_key)):
         dispatch = await gw.prepare(body)
         if body.stream:
@@ -202,14 +210,14 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
             choices=[CompletionChoice(text=text, finish_reason=last.get("finish_reason"))],
         )
 
-    @app.get("/v1/models", response_model=ModelList)
+    @app.get("/v1/models", response_model=ModelList, responses=_ERRORS)
     async def models(gw: Gateway = Depends(api_key)) -> ModelList:
         placement = await gw.refresh_placement(force=True)
         cards = [ModelCard(id="auto", description="Routed to the best expert mixture")]
         cards += [ModelCard(id=name, description="LoRA expert") for name in sorted(placement)]
         return ModelList(data=cards)
 
-    @app.post("/v1/route", response_model=RouteResponse)
+    @app.post("/v1/route", response_model=RouteResponse, responses=_ERRORS)
     async def route(body: RouteRequest, gw: Gateway = Depends(api_key)) -> RouteResponse:
         if (body.text is None) == (body.messages is None):
             raise InvalidInputError("Send exactly one of 'text' or 'messages'.")
@@ -221,17 +229,20 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
             router_version=gw.routing.version,
         )
 
-    @app.post("/v1/feedback", response_model=FeedbackResponse)
+    @app.post("/v1/feedback", response_model=FeedbackResponse, responses=_ERRORS)
     async def feedback(body: FeedbackRequest, gw: Gateway = Depends(api_key)) -> FeedbackResponse:
         return FeedbackResponse(id=gw.feedback(body.request_id, body.expert, body.rating), request_id=body.request_id)
 
-    @app.get("/healthz")
+    @app.get("/healthz", responses=documented_errors((503,)))
     async def healthz(gw: Gateway = Depends(gateway)) -> dict[str, Any]:
         placement = await gw.refresh_placement()
         return {"status": "ok", "router_version": gw.routing.version, "experts": sorted(placement)}
 
-    @app.get("/metrics")
+    @app.get("/metrics", responses={200: {"description": "Prometheus text format.",
+                                          "content": {"text/plain": {"schema": {"type": "string"}}}}})
     async def metrics(gw: Gateway = Depends(gateway)) -> Response:
+        writer = gw.log_writer
+        gw.metrics.observe_log_writer(writer.written, writer.spilled, writer.replayed, writer.rejected)
         return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
 
     app.include_router(build_admin_router(get_gateway))

@@ -27,6 +27,8 @@ from router.service import RoutingService
 
 logger = logging.getLogger(__name__)
 
+GREEDY_BELOW = 1e-6
+
 
 class PoolClient(Protocol):
     """A place that generates: an ExpertPool deployment handle, or an in-process engine in tests."""
@@ -85,7 +87,13 @@ class Gateway:
         if force or time.monotonic() - self._placement_at > 2.0:
             placement: dict[str, PoolClient] = {}
             for pool in self.pools:
-                for name in await pool.experts():
+                try:
+                    names = await pool.experts()
+                except Exception as exc:  # a dead or restarting replica: keep what it served, requests retry
+                    logger.warning("Pool %s did not list its experts (%s); using the last known placement",
+                                   pool.name, exc.__class__.__name__)
+                    names = [n for n, p in self._placement.items() if p is pool]
+                for name in names:
                     placement.setdefault(name, pool)
             self._placement, self._placement_at = placement, time.monotonic()
         return self._placement
@@ -110,8 +118,11 @@ class Gateway:
             raise InvalidInputError(
                 f"max_tokens={max_tokens} exceeds the limit {self.settings.max_new_tokens} (MOE_MAX_NEW_TOKENS)."
             )
-        return {"max_tokens": max_tokens, "temperature": body.temperature, "top_p": body.top_p,
-                "stop": list(body.stop or []), "seed": body.seed}
+        # Sampling runs in float32: a temperature or top_p below ~1e-38 underflows (NaN probabilities, or a
+        # nucleus with no token). Values that small mean "always the top token", so they are greedy.
+        greedy = body.temperature < GREEDY_BELOW or body.top_p < GREEDY_BELOW
+        return {"max_tokens": max_tokens, "temperature": 0.0 if greedy else body.temperature,
+                "top_p": 1.0 if greedy else body.top_p, "stop": list(body.stop or []), "seed": body.seed}
 
     async def prepare(self, body: ChatCompletionRequest | CompletionRequest) -> Dispatch:
         if isinstance(body, ChatCompletionRequest):
@@ -168,6 +179,7 @@ class Gateway:
                 yield event
         except MoEError as exc:
             status, error = exc.status_code, exc.message
+            exc.request_id = dispatch.request_id  # logged under this id: the error response names it
             raise
         except (asyncio.CancelledError, GeneratorExit):  # the client went away: logged as 499
             status, error = 499, "client disconnected"

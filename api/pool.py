@@ -12,6 +12,7 @@ from dataclasses import asdict
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.settings import Settings
@@ -117,5 +118,8 @@ async def sync_forever(core: ExpertPoolCore, every_s: float) -> None:
         await asyncio.sleep(every_s)
         try:
             await asyncio.to_thread(core.sync)
+        except SQLAlchemyError as exc:  # the registry is away: keep serving what is loaded, no traceback spam
+            logger.warning("Pool %s: registry unavailable (%s); serving the loaded adapters", core.name,
+                           exc.__class__.__name__)
         except Exception:
             logger.exception("Pool %s: registry sync failed", core.name)

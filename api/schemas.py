@@ -24,7 +24,8 @@ class _SamplingFields(BaseModel):
     temperature: float = Field(default=1.0, ge=0.0, le=2.0, description="0 = greedy.")
     top_p: float = Field(default=1.0, gt=0.0, le=1.0, description="Nucleus sampling mass.")
     stop: str | list[str] | None = Field(default=None, description="Up to 4 stop strings.")
-    seed: int | None = Field(default=None, description="Sampling seed.")
+    seed: int | None = Field(default=None, ge=-(2**63), le=2**64 - 1,
+                             description="Sampling seed (a 64-bit integer, as torch takes it).")
     stream: bool = Field(default=False, description="Stream server-sent events.")
     user: str | None = Field(default=None, max_length=256, description="End-user id (logged).")
 

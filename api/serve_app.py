@@ -13,16 +13,18 @@ import torch
 import yaml
 from pydantic import BaseModel, Field
 from ray import serve
-from ray.serve.exceptions import BackPressureError
+from ray.exceptions import RayActorError, WorkerCrashedError
+from ray.serve.exceptions import BackPressureError, DeploymentUnavailableError, ReplicaUnavailableError
 from ray.serve.handle import DeploymentHandle
 
 from api.app import create_app
 from api.gateway import Gateway
 from api.pool import ExpertPoolCore, sync_forever
 from core.device import apply_thread_settings
-from core.errors import OverloadedError
+from core.errors import OverloadedError, PoolUnavailableError
 from core.settings import Settings
 from experts.backbone import load_backbone
+from pipelines.auto_retrain import retrain_forever
 from registry.db import session_factory
 from registry.request_log import RequestLogWriter
 from router.service import RoutingService
@@ -31,6 +33,9 @@ logger = logging.getLogger(__name__)
 
 APP_NAME = "moe"
 DEFAULT_POOLS = Path(__file__).resolve().parent.parent / "deploy" / "pools.yaml"
+# What the caller of a replica that died (or is being replaced) gets: the request did not complete, and a
+# retry lands on a live replica once Serve has restarted it. Errors the replica raised itself are not here.
+REPLICA_GONE = (RayActorError, WorkerCrashedError, ReplicaUnavailableError, DeploymentUnavailableError)
 
 
 class PoolConfig(BaseModel):
@@ -57,6 +62,13 @@ class DeployConfig(BaseModel):
 
     ingress_replicas: int = Field(default=1, ge=1, description="Ingress replicas (each holds the router).")
     ingress_num_cpus: float = Field(default=0.5, ge=0, description="CPUs per ingress replica.")
+    ingress_max_ongoing_requests: int = Field(
+        default=128, ge=1, description="Requests one ingress replica handles at once (Serve's default is 5)."
+    )
+    ingress_max_queued_requests: int = Field(
+        default=512, ge=-1, description="Requests waiting for an ingress replica before the proxy answers 503 "
+        "with Retry-After (-1 = unbounded: overload becomes client timeouts).",
+    )
     pools: list[PoolConfig] = Field(default_factory=lambda: [PoolConfig(name="default")], min_length=1)
 
 
@@ -110,9 +122,18 @@ class RayPoolClient:
                 yield event
         except BackPressureError as exc:
             raise OverloadedError(f"Pool {self.name} is at capacity (max_queued_requests); retry later.") from exc
+        except REPLICA_GONE as exc:
+            raise PoolUnavailableError(
+                f"Pool {self.name}: the replica serving this request went away ({exc.__class__.__name__}); "
+                "retry shortly.", retry_after=2,
+            ) from exc
 
     async def experts(self) -> list[str]:
-        return await self.handle.experts.remote()
+        async def call() -> list[str]:
+            return await self.handle.experts.remote()
+
+        # bounded: while a replica restarts the call would wait for it; the gateway keeps the last placement
+        return await asyncio.wait_for(call(), timeout=5)
 
 
 @serve.deployment(name="Ingress")
@@ -131,6 +152,9 @@ class Ingress:
                                   self.settings.log_flush_ms).start()
         clients = [RayPoolClient(h, n) for h, n in zip(pools, pool_names, strict=True)]
         self.gateway = Gateway(self.settings, sessions, backbone.tokenizer, routing, clients, writer)
+        self._retrain = None
+        if self.settings.router_retrain_after_labels > 0:  # the optional retrain trigger (off by default)
+            self._retrain = asyncio.get_event_loop().create_task(retrain_forever(self.settings, sessions))
 
     def __serve_build_asgi_app__(self):
         return create_app(lambda: self.gateway)
@@ -160,6 +184,9 @@ def build_app(settings: Settings):
         pools.append(ExpertPool.options(**options).bind(payload, pool.model_dump()))
     return Ingress.options(
         num_replicas=deploy.ingress_replicas, ray_actor_options={"num_cpus": deploy.ingress_num_cpus},
+        max_ongoing_requests=deploy.ingress_max_ongoing_requests,
+        max_queued_requests=deploy.ingress_max_queued_requests,
+        backpressure_config={"status_code": 503, "retry_after_s": 1},
     ).bind(payload, [p.name for p in deploy.pools], *pools)
 
 

@@ -11,6 +11,9 @@ class MoEError(Exception):
 
     status_code: int = 500
     code: str = "internal_error"
+    request_id: str | None = None
+    """Set when the request got as far as the request log: the client can quote it (X-MoE-Request-Id;
+    Ray Serve owns X-Request-Id and overwrites it with its own id)."""
 
     def __init__(self, message: str) -> None:
         super().__init__(message)
@@ -64,15 +67,33 @@ class ConflictError(MoEError):
     code = "conflict"
 
 
-class OverloadedError(MoEError):
-    """Too many requests are waiting; the client should retry later."""
+class UnavailableError(MoEError):
+    """A transient fault: the request may succeed if retried after `retry_after` seconds (503 + Retry-After)."""
 
     status_code = 503
-    code = "overloaded"
+    code = "unavailable"
 
     def __init__(self, message: str, retry_after: float = 1.0) -> None:
         super().__init__(message)
         self.retry_after = retry_after
+
+
+class OverloadedError(UnavailableError):
+    """Too many requests are waiting; the client should retry later."""
+
+    code = "overloaded"
+
+
+class PoolUnavailableError(UnavailableError):
+    """The expert pool replica serving the request died or is restarting; a retry lands on a live replica."""
+
+    code = "pool_unavailable"
+
+
+class DatabaseUnavailableError(UnavailableError):
+    """The registry database does not answer (requests that only generate keep working; the log spills)."""
+
+    code = "database_unavailable"
 
 
 class RateLimitedError(OverloadedError):

@@ -1,5 +1,7 @@
 """Request logs written off the request path, in batches, and never lost: when the database is down the
-batch goes to an append-only spill file (JSONL, fsynced) that is replayed, idempotently, once it is back."""
+batch goes to an append-only spill file (JSONL, fsynced) that is replayed, idempotently, once it is back.
+A row the database refuses (or a spill line a crash cut short) is set aside in a rejects file, so one bad
+row never blocks the others."""
 
 from __future__ import annotations
 
@@ -13,15 +15,25 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
+from sqlalchemy.exc import InterfaceError, OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeoutError
 from sqlalchemy.orm import Session, sessionmaker
 
 from registry import repository as repo
 
 logger = logging.getLogger(__name__)
 
+TRANSIENT = (OperationalError, InterfaceError, PoolTimeoutError)
+"""The database is unreachable: keep the rows (spill) and retry. Any other failure is about the rows."""
+
+
+def _clean(row: dict[str, Any]) -> dict[str, Any]:
+    """PostgreSQL text cannot hold NUL; a hostile prompt with one must still be logged (as U+FFFD)."""
+    return {k: v.replace("\x00", "\ufffd") if isinstance(v, str) else v for k, v in row.items()}
+
 
 def _encode(row: dict[str, Any]) -> str:
-    return json.dumps({k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()})
+    return json.dumps({k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}, default=str)
 
 
 def _decode(line: str) -> dict[str, Any]:
@@ -43,10 +55,12 @@ class RequestLogWriter:
         self._queue: queue.Queue[dict[str, Any]] = queue.Queue()
         self._stop = threading.Event()
         self._thread: threading.Thread | None = None
+        self.reject_file = spill_file.with_name(spill_file.stem + ".rejected.jsonl")
         self._io = threading.Lock()
         self.written = 0
         self.spilled = 0
         self.replayed = 0
+        self.rejected = 0
 
     def start(self) -> RequestLogWriter:
         if self._thread is None:
@@ -55,7 +69,7 @@ class RequestLogWriter:
         return self
 
     def log(self, row: dict[str, Any]) -> None:
-        self._queue.put(row)
+        self._queue.put(_clean(row))
 
     def stop(self) -> None:
         self._stop.set()
@@ -86,13 +100,33 @@ class RequestLogWriter:
             self._stop.wait(self.flush_s)
             self.flush()
 
+    def _insert(self, rows: list[dict[str, Any]]) -> int:
+        """Insert in one transaction; if the database refuses the batch for its content, row by row, and the
+        rows it still refuses go to the rejects file. Transient errors propagate (the caller spills)."""
+        try:
+            with self.sessions.begin() as session:
+                return repo.add_request_logs(session, rows)
+        except TRANSIENT:
+            raise
+        except Exception as exc:
+            if len(rows) > 1:
+                return sum(self._insert([row]) for row in rows)
+            self._reject_locked([_encode(rows[0])], repr(exc))
+            return 0
+
+    def _reject_locked(self, lines: list[str], reason: str) -> None:
+        self.reject_file.parent.mkdir(parents=True, exist_ok=True)
+        with self.reject_file.open("a", encoding="utf-8") as handle:
+            handle.writelines(json.dumps({"line": line, "error": reason[:500]}) + "\n" for line in lines)
+        self.rejected += len(lines)
+        logger.error("Request log: %d row(s) refused (%s); kept in %s", len(lines), reason[:200], self.reject_file)
+
     def _write(self, rows: list[dict[str, Any]]) -> None:
         with self._io:
             try:
                 self._replay_locked()
                 if rows:
-                    with self.sessions.begin() as session:
-                        self.written += repo.add_request_logs(session, rows)
+                    self.written += self._insert(rows)
             except Exception as exc:  # database down: keep the rows on disk, try again next flush
                 if rows:
                     self._spill_locked(rows)
@@ -110,11 +144,19 @@ class RequestLogWriter:
     def _replay_locked(self) -> None:
         if not self.spill_file.is_file() or self.spill_file.stat().st_size == 0:
             return
-        rows = [_decode(line) for line in self.spill_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-        with self.sessions.begin() as session:
-            for start in range(0, len(rows), self.batch_size):
-                repo.add_request_logs(session, rows[start : start + self.batch_size])
-        # only after the commit: a crash in between replays again, and add_request_logs skips duplicates
+        rows, broken = [], []
+        for line in self.spill_file.read_text(encoding="utf-8").splitlines():
+            if not line.strip():
+                continue
+            try:
+                rows.append(_decode(line))
+            except (ValueError, TypeError):  # e.g. the last line of a spill cut short by a crash
+                broken.append(line)
+        for start in range(0, len(rows), self.batch_size):
+            self._insert(rows[start : start + self.batch_size])
+        if broken:
+            self._reject_locked(broken, "unreadable spill line")
+        # only after the inserts: a crash in between replays again, and add_request_logs skips duplicates
         self.spill_file.unlink()
         self.replayed += len(rows)
         logger.info("Replayed %d spilled request-log rows", len(rows))

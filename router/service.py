@@ -9,9 +9,10 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import RouterNotTrainedError
+from core.errors import DatabaseUnavailableError, RouterNotTrainedError
 from core.settings import Settings
 from registry import repository as repo
 from router.features import FeatureEncoder
@@ -70,8 +71,19 @@ class RoutingService:
         return changed
 
     def maybe_refresh(self, every_s: float = 2.0) -> None:
-        if time.monotonic() - self.checked_at > every_s:
+        """The request-path check for a new router version. A registry that does not answer must not fail
+        requests: keep routing with the loaded router and check again after `every_s`."""
+        if time.monotonic() - self.checked_at <= every_s:
+            return
+        self.checked_at = time.monotonic()  # before the query: concurrent requests do not all retry it
+        try:
             self.refresh()
+        except SQLAlchemyError as exc:
+            if self.router is None:
+                raise DatabaseUnavailableError("The registry database is unavailable and no router is loaded yet; "
+                                               "retry shortly.", retry_after=5) from exc
+            logger.warning("Router refresh failed (%s); routing with v%s until the registry answers",
+                           exc.__class__.__name__, self.version)
 
     @property
     def version(self) -> int | None:

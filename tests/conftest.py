@@ -90,17 +90,22 @@ def tiny_backbone_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return folder
 
 
-@pytest.fixture
-def settings(tmp_path: Path, tiny_backbone_dir: Path) -> Settings:
+def tiny_settings(home: Path, backbone_dir: Path) -> Settings:
+    """Settings for the tiny backbone; module-scoped fixtures build them from tmp_path_factory."""
     return Settings(
-        home=tmp_path / "home",
-        backbone=str(tiny_backbone_dir),
+        home=home,
+        backbone=str(backbone_dir),
         router_layers=[1, 2],
         lora_rank=4,
         lora_alpha=8,
         max_prompt_tokens=256,
         max_new_tokens=64,
     )
+
+
+@pytest.fixture
+def settings(tmp_path: Path, tiny_backbone_dir: Path) -> Settings:
+    return tiny_settings(tmp_path / "home", tiny_backbone_dir)
 
 
 @pytest.fixture

@@ -1,5 +1,6 @@
 """The session-wide live service for integration tests: the real default backbone, the shipped experts and
-router, Ray Serve on 127.0.0.1 (one Ray instance per test session). tests/conftest.py imports `live`, so any test module can use it."""
+router, Ray Serve on 127.0.0.1 (one Ray instance per test session). tests/conftest.py imports `live`, so any
+test module can use it."""
 
 from __future__ import annotations
 

@@ -6,17 +6,21 @@ from __future__ import annotations
 import asyncio
 import copy
 import json
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 import torch
 from fastapi.testclient import TestClient
 from peft import LoraConfig, get_peft_model
 from pydantic import SecretStr
+from sqlalchemy.orm import sessionmaker
 
 from api.app import create_app
 from api.gateway import Gateway
 from api.pool import ExpertPoolCore, LocalPoolClient
 from experts.adapters import write_metadata
+from experts.backbone import load_backbone
 from pipelines.train_expert import register_expert
 from pipelines.train_router import make_encoder, train_router
 from registry import repository as repo
@@ -25,7 +29,7 @@ from registry.request_log import RequestLogWriter
 from router.gate import BASE
 from router.service import RoutingService
 from router.training import RouterTrainConfig
-from tests.conftest import DOMAIN_PROMPTS
+from tests.conftest import DOMAIN_PROMPTS, tiny_settings
 from tests.test_router import GENERAL
 
 
@@ -41,8 +45,9 @@ def register_random_expert(settings, sessions, backbone, name, prompts, seed):
                         prompts[:-3], prompts[-3:], None)
 
 
-@pytest.fixture
-def service(settings, backbone):
+@contextmanager
+def running_service(settings, backbone) -> Iterator[tuple[TestClient, Gateway, sessionmaker]]:
+    """The app over an in-process pool: two random experts, a trained router, admin token 'admin-secret'."""
     settings.admin_token = SecretStr("admin-secret")
     settings.ensure_dirs()
     sessions = session_factory(settings)
@@ -59,10 +64,26 @@ def service(settings, backbone):
     pool = ExpertPoolCore(settings, sessions, backbone)
     writer = RequestLogWriter(sessions, settings.spill_dir / "requests.jsonl", flush_ms=50).start()
     gateway = Gateway(settings, sessions, backbone.tokenizer, routing, [LocalPoolClient(pool)], writer)
-    client = TestClient(create_app(lambda: gateway))
-    yield client, gateway, sessions
-    writer.stop()
-    pool.close()
+    try:
+        yield TestClient(create_app(lambda: gateway)), gateway, sessions
+    finally:
+        writer.stop()
+        pool.close()
+
+
+@pytest.fixture
+def service(settings, backbone):
+    """A fresh service, for tests that change what it serves."""
+    with running_service(settings, backbone) as running:
+        yield running
+
+
+@pytest.fixture(scope="module")
+def shared(tmp_path_factory, tiny_backbone_dir):
+    """One service for the tests that leave its experts and routers as they found them (saves a setup each)."""
+    config = tiny_settings(tmp_path_factory.mktemp("api") / "home", tiny_backbone_dir)
+    with running_service(config, load_backbone(config)) as running:
+        yield running
 
 
 def chat(client, model="auto", **extra):
@@ -71,8 +92,8 @@ def chat(client, model="auto", **extra):
     return client.post("/v1/chat/completions", json=body)
 
 
-def test_routed_and_forced_chat(service):
-    client, gateway, sessions = service
+def test_routed_and_forced_chat(shared):
+    client, gateway, sessions = shared
     routed = chat(client)
     assert routed.status_code == 200, routed.text
     body = routed.json()
@@ -92,8 +113,8 @@ def test_routed_and_forced_chat(service):
     assert rows[body["id"]].completion_tokens == body["usage"]["completion_tokens"]
 
 
-def test_streaming_sse(service):
-    client, _, _ = service
+def test_streaming_sse(shared):
+    client, _, _ = shared
     with client.stream("POST", "/v1/chat/completions", json={
         "model": "auto", "stream": True, "max_tokens": 5, "temperature": 0,
         "messages": [{"role": "user", "content": "my order never arrived"}]}) as response:
@@ -117,8 +138,8 @@ def test_streaming_sse(service):
         ({"model": "auto", "messages": [{"role": "user", "content": "hi"}], "temperature": 9}, 422, "temperature"),
     ],
 )
-def test_bad_requests_are_4xx(service, body, status, needle):
-    client, _, _ = service
+def test_bad_requests_are_4xx(shared, body, status, needle):
+    client, _, _ = shared
     response = client.post("/v1/chat/completions", json=body)
     assert response.status_code == status, response.text
     assert needle in response.json()["error"]["message"]
@@ -134,8 +155,8 @@ def test_malformed_json_and_oversized_body(service):
     assert response.status_code == 413
 
 
-def test_models_route_feedback_health_metrics(service):
-    client, _, _ = service
+def test_models_route_feedback_health_metrics(shared):
+    client, _, _ = shared
     models = [m["id"] for m in client.get("/v1/models").json()["data"]]
     assert models == ["auto", "finance", "medical"]
     route = client.post("/v1/route", json={"text": "should I invest in index funds", "top_k": 2}).json()
@@ -204,16 +225,16 @@ def test_admin_registers_an_expert_as_a_job(service, domain_data, tmp_path):
         ({"name": "newone", "data_path": "/x", "adapter_path": "/y"}, 400),
     ],
 )
-def test_admin_register_rejections_change_nothing(service, body, status):
-    client, _, sessions = service
+def test_admin_register_rejections_change_nothing(shared, body, status):
+    client, _, sessions = shared
     auth = {"Authorization": "Bearer admin-secret"}
     assert client.post("/admin/experts", headers=auth, json=body).status_code == status
     with sessions() as session:
         assert sorted(e.name for e in repo.list_experts(session)) == ["finance", "medical"]
 
 
-def test_pickled_adapter_job_fails_and_registers_nothing(service, tmp_path):
-    client, _, sessions = service
+def test_pickled_adapter_job_fails_and_registers_nothing(shared, tmp_path):
+    client, _, sessions = shared
     auth = {"Authorization": "Bearer admin-secret"}
     folder = tmp_path / "evil"
     folder.mkdir()

@@ -3,6 +3,7 @@ the request-log writer's spill and replay."""
 
 from __future__ import annotations
 
+import json
 import socket
 import uuid
 
@@ -116,3 +117,23 @@ def test_log_writer_spills_when_database_is_down_and_replays(tmp_path):
     assert not spill.exists()
     with good() as s:
         assert repo.count_request_logs(s) == 6
+
+
+def test_log_writer_keeps_hostile_rows_and_never_blocks_on_a_bad_one(sessions, tmp_path):
+    """A NUL in a prompt (PostgreSQL text refuses it), a spill line cut short by a crash and a row the
+    database refuses: the good rows are all written, the bad ones are set aside, replay is not blocked."""
+    spill = tmp_path / "spill" / "requests.jsonl"
+    spill.parent.mkdir()
+    good_line = json.dumps({"request_id": "s1", "endpoint": "chat", "model": "auto", "prompt_hash": "h"})
+    spill.write_text(good_line + "\n" + '{"request_id": "s2", "endpo' + "\n")  # the crash cut the last line
+    writer = RequestLogWriter(sessions, spill, flush_ms=10)
+    writer.log({"request_id": "n1", "endpoint": "chat", "model": "auto", "prompt": "a\x00b", "prompt_hash": "h"})
+    writer.log({"request_id": "bad", "endpoint": "chat", "model": "auto", "prompt_hash": "h", "nonsense": 1})
+    writer.log({"request_id": "n2", "endpoint": "chat", "model": "auto", "prompt_hash": "h"})
+    writer.flush()
+    assert not spill.exists() and writer.replayed == 1 and writer.written == 2 and writer.rejected == 2
+    with sessions() as s:
+        assert repo.get_request_log(s, "n1").prompt == "a\ufffdb"
+        assert {r for r in ("s1", "n1", "n2", "bad") if repo.get_request_log(s, r)} == {"s1", "n1", "n2"}
+    rejected = [json.loads(line) for line in writer.reject_file.read_text().splitlines()]
+    assert {"unreadable spill line"} < {r["error"] for r in rejected} and len(rejected) == 2

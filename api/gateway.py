@@ -16,6 +16,7 @@ from transformers import PreTrainedTokenizerBase
 
 from api.metrics import Metrics
 from api.privacy import loggable_prompt, prompt_hash
+from api.route_batcher import RouteBatcher
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from core.errors import ExpertNotFoundError, InvalidInputError, MoEError, NotFoundError, PromptTooLongError
 from core.settings import Settings
@@ -79,6 +80,8 @@ class Gateway:
         self.pools = list(pools)
         self.log_writer = log_writer
         self.metrics = metrics or Metrics()
+        # concurrent routed requests share one truncated-backbone pass (off the event loop)
+        self.route_batcher = RouteBatcher(self._route_many)
         self._placement: dict[str, PoolClient] = {}
         self._placement_at = 0.0
 
@@ -136,7 +139,7 @@ class Gateway:
         placement = await self.refresh_placement()
         if body.model == "auto":
             # off the event loop: other requests keep streaming while this one is routed
-            decision = await asyncio.to_thread(self._route, route_text, None)
+            decision = await self.route_batcher.route(route_text, None)
             pool = None
             if decision.mixture:
                 top = decision.mixture[0][0]
@@ -214,13 +217,13 @@ class Gateway:
             len(dispatch.prompt_ids), completion_tokens, latency_ms / 1000,
         )
 
-    def _route(self, text: str, top_k: int | None):
+    def _route_many(self, texts: Sequence[str], top_k: int | None):
         self.routing.maybe_refresh()
-        return self.routing.route([text], top_k=top_k)[0]
+        return self.routing.route(texts, top_k=top_k)
 
     async def route_only(self, text: str, top_k: int | None):
         self._tokens(text)
-        decision = await asyncio.to_thread(self._route, text, top_k)
+        decision = await self.route_batcher.route(text, top_k)
         self.metrics.observe_route(decision.experts[0][0])
         return decision
 

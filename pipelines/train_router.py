@@ -200,7 +200,14 @@ def train_router(
     active_router = Router.load(active_info[1], active_info[0]) if active_info else None
     same_features = active_router is not None and active_router.config.layers == layers
     init = active_router.gate if same_features else None
-    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, layers, fingerprint, config, init=init)
+    anchor = None
+    if init is not None:
+        # replayed rows: seed prompts of labels the active router knows (not log labels, not a new expert's)
+        replay = [not source.startswith("log:") and label in active_router.labels
+                  for source, label in zip(train.sources, train.labels, strict=True)]
+        anchor = torch.tensor(replay * 2)  # the augmented copies follow in the same order
+    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, layers, fingerprint, config, init=init,
+                                      anchor=anchor)
     metrics = evaluate(router, val_x, val_y)
     active_metrics = None
     if active_router is not None:

@@ -5,6 +5,9 @@
   routing is uniform and grows to E when everything collapses onto one column. Coefficient 0.01 (the paper's).
 * Router z-loss (Zoph et al. 2022, ST-MoE): L_z = mean(logsumexp(logits)^2); keeps logits small so the
   softmax stays numerically tame and calibration does not drift. Coefficient 1e-3 (the paper's).
+* Distillation (Li & Hoiem 2016, learning without forgetting): KL(teacher || student) on the rows that only
+  replay what the active router already knew. A warm-started candidate then moves only where new labels
+  (feedback, a new expert's prompts) pull it, instead of wandering by training noise on everything else.
 """
 
 from __future__ import annotations
@@ -40,3 +43,12 @@ def router_loss(
     z = z_loss(logits)
     total = ce + load_balance_coef * bal + z_loss_coef * z
     return total, {"ce": ce.detach().item(), "load_balance": bal.detach().item(), "z": z.detach().item()}
+
+
+def distillation_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """student/teacher logits [N, E], mask [N] bool -> mean KL(teacher || student) over the masked rows (0 if none)."""
+    if not bool(mask.any()):
+        return student_logits.new_zeros(())
+    student = torch.log_softmax(student_logits[mask], dim=-1)
+    teacher = torch.log_softmax(teacher_logits[mask], dim=-1)
+    return torch.nn.functional.kl_div(student, teacher, log_target=True, reduction="batchmean")

@@ -4,6 +4,7 @@ metrics every router version is judged by."""
 
 from __future__ import annotations
 
+import copy
 import itertools
 import logging
 import math
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from router.gate import Gate, GateConfig, Router
-from router.losses import LOAD_BALANCE_COEF, Z_LOSS_COEF, router_loss
+from router.losses import LOAD_BALANCE_COEF, Z_LOSS_COEF, distillation_loss, router_loss
 
 logger = logging.getLogger(__name__)
 
@@ -33,6 +34,11 @@ class RouterTrainConfig:
     warm_learning_rate: float = 5e-4
     """AdamW learning rate when warm-starting from the active router's gate (a new expert, a retrain from
     logs): smaller steps keep the existing experts' decisions, so their recall does not drift by chance."""
+    distill_coef: float = 1.0
+    """When warm-starting, weight of a KL term that keeps the candidate's output equal to the active router's on
+    replayed rows (seed prompts of labels it already knew), so only the new labels move decisions; 0 = off.
+    Without it a retrain from logs drifted 0.5-1 point of validation accuracy by training noise alone and the
+    promotion gate (never lower accuracy) rejected it."""
     weight_decay: float = 1e-2
     """AdamW weight decay."""
     hidden_size: int = 256
@@ -65,9 +71,16 @@ def fit_gate(
     config: GateConfig,
     train: RouterTrainConfig,
     init: Gate | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> Gate:
-    """features [N, H] float32, labels [N] long (index into config.labels)."""
+    """features [N, H] float32, labels [N] long (index into config.labels); anchor [N] bool marks the rows
+    distilled from `init` (replayed rows), used only when warm-starting with train.distill_coef > 0."""
     torch.manual_seed(train.seed)
+    teacher = None
+    if init is not None and anchor is not None and train.distill_coef > 0 and bool(anchor.any()):
+        teacher = copy.deepcopy(init).eval()  # frozen: keeps its own feature statistics
+        for parameter in teacher.parameters():
+            parameter.requires_grad_(False)
     gate = init if init is not None else Gate(config)
     mean, std = features.mean(0), features.std(0).clamp(min=1e-4)
     gate.feature_mean.copy_(mean)
@@ -95,6 +108,12 @@ def fit_gate(
         loss, parts = router_loss(
             logits, labels[index], train.load_balance_coef, train.z_loss_coef, train.label_smoothing
         )
+        if teacher is not None:
+            with torch.no_grad():
+                teacher_logits = teacher(x).masked_fill(~present, -1e4)
+            distill = distillation_loss(logits, teacher_logits, anchor[index])
+            loss = loss + train.distill_coef * distill
+            parts["distill"] = distill.item()
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
@@ -177,7 +196,9 @@ def train_router_on_features(
     fingerprint: str,
     train: RouterTrainConfig,
     init: Gate | None = None,
+    anchor: torch.Tensor | None = None,
 ) -> Router:
+    """anchor [N] bool: training rows the warm-start gate already covered (replay), distilled from it."""
     config = GateConfig(
         labels=labels_order, input_size=train_x.shape[1], layers=sorted(layers), hidden_size=train.hidden_size,
         dropout=train.dropout, top_k=train.top_k, backbone_fingerprint=fingerprint,
@@ -186,7 +207,7 @@ def train_router_on_features(
         init = init.grow(labels_order)
         init.config.dropout = train.dropout
         train = replace(train, learning_rate=train.warm_learning_rate)
-    gate = fit_gate(train_x, train_y, config if init is None else init.config, train, init=init)
+    gate = fit_gate(train_x, train_y, config if init is None else init.config, train, init=init, anchor=anchor)
     gate.config.temperature = fit_temperature(gate, val_x, val_y) if len(val_y) else 1.0
     router = Router(gate)
     if len(val_y):

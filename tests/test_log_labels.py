@@ -41,6 +41,20 @@ def test_labels_from_feedback_and_forced_requests(settings):
     assert set(labels["split"]) <= {"train", "val"}
 
 
+def test_hold_out_takes_one_in_five_of_every_label_reproducibly():
+    import pandas as pd
+
+    from pipelines.log_labels import hold_out
+
+    texts = [f"consulta medica numero {i}" for i in range(40)] + [f"contract clause {i}" for i in range(7)] + ["hi"]
+    frame = pd.DataFrame({"text": texts, "label": ["medical"] * 40 + ["legal"] * 7 + ["base"]})
+    split = hold_out(frame)
+    held = frame[split == "val"]["label"].value_counts().to_dict()
+    assert held == {"medical": 8, "legal": 2}  # a lone label stays in training
+    shuffled = frame.sample(frac=1.0, random_state=0)
+    assert hold_out(shuffled).sort_index().tolist() == split.tolist()  # independent of arrival order
+
+
 def test_routing_stats_table(settings):
     sessions = session_factory(settings)
     with sessions.begin() as s:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 
-from experts.seed import DEFAULT_DOMAINS
+from experts.seed import DEFAULT_DOMAINS, seed_qa
 from tests.live_service import ADMIN
 
 pytestmark = pytest.mark.integration
@@ -114,14 +114,16 @@ def test_cli_route_and_eval_qa(live, tmp_path):
     assert [r["experts"][0] for r in rows] == ["medical", "finance"]
     assert all(set(r) == {"text", "experts", "weights", "confidence"} for r in rows)
 
+    # held-out seed answers: the expert was trained on that style of answer, not on a one-line reply
+    held_out = seed_qa("medical")[1][:4]
     qa = tmp_path / "qa.jsonl"
-    qa.write_text(json.dumps({"question": MEDICAL, "answer": "See a doctor if the fever lasts more than three days.",
-                              "domain": "medical"}) + "\n")
+    qa.write_text("".join(json.dumps({"question": e.routing_text, "answer": e.messages[-1]["content"],
+                                      "domain": "medical"}) + "\n" for e in held_out))
     result = subprocess.run([*moe, "eval", "qa", "--input", str(qa), "--json"], env=env, check=True, timeout=300,
                             capture_output=True, text=True)
     summary = json.loads(result.stdout.strip().splitlines()[-1])
     stats = summary["domains"]["medical"]
-    assert stats["n"] == 1 and stats["expert"] < stats["base"] and summary["overall"]["n"] == 1
+    assert stats["n"] == 4 and stats["expert"] < stats["base"] and summary["overall"]["n"] == 4
 
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"text": "ok"}\n{"nope": 1}\n')

@@ -117,7 +117,7 @@ def test_cli_route_and_eval_qa(live, tmp_path):
     # held-out seed answers: the expert was trained on that style of answer, not on a one-line reply
     held_out = seed_qa("medical")[1][:4]
     qa = tmp_path / "qa.jsonl"
-    qa.write_text("".join(json.dumps({"question": e.routing_text, "answer": e.messages[-1]["content"],
+    qa.write_text("".join(json.dumps({"question": e.routing_text, "answer": e.response,
                                       "domain": "medical"}) + "\n" for e in held_out))
     result = subprocess.run([*moe, "eval", "qa", "--input", str(qa), "--json"], env=env, check=True, timeout=300,
                             capture_output=True, text=True)

@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -30,6 +31,30 @@ def _ray_cli() -> str:
     return candidate if os.path.exists(candidate) else (shutil.which("ray") or "ray")
 
 
+RAY_DEFAULT_PORT = 6379
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        try:
+            probe.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
+
+
+def head_port(settings: Settings) -> int:
+    """The GCS port for a new local head: the configured one, else 6379 when free, else any free port
+    (Redis listens on 6379 on many machines, and `ray start` then fails with a port clash)."""
+    if settings.ray_head_port is not None:
+        return settings.ray_head_port
+    if _port_free(RAY_DEFAULT_PORT):
+        return RAY_DEFAULT_PORT
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
 def connect(settings: Settings, start_local: bool) -> None:
     import ray
 
@@ -40,14 +65,18 @@ def connect(settings: Settings, start_local: bool) -> None:
     if start_local:
         status = subprocess.run([_ray_cli(), "status"], capture_output=True, text=True, env=os.environ)
         if status.returncode != 0:
-            logger.info("Starting a local Ray head")
+            port = head_port(settings)
+            logger.info("Starting a local Ray head on port %d", port)
             started = subprocess.run(
-                [_ray_cli(), "start", "--head", "--include-dashboard=false", "--disable-usage-stats",
+                [_ray_cli(), "start", "--head", f"--port={port}", "--include-dashboard=false", "--disable-usage-stats",
                  "--num-cpus", str(max(2, os.cpu_count() or 2))],
                 capture_output=True, text=True, env=os.environ,
             )
             if started.returncode != 0:
-                raise ModelUnavailableError(f"`ray start --head` failed: {started.stderr.strip()[-400:]}")
+                raise ModelUnavailableError(
+                    f"`ray start --head --port={port}` failed (set MOE_RAY_HEAD_PORT to another port, or "
+                    f"MOE_RAY_ADDRESS to a running cluster): {started.stderr.strip()[-300:]}"
+                )
     ray.init(address="auto", namespace="moe", logging_level=logging.WARNING)
 
 

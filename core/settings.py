@@ -95,6 +95,11 @@ class Settings(BaseSettings):
     ray_address: str | None = Field(
         default=None, description="Ray cluster address; None = a local Ray head on this machine (`moe up`)."
     )
+    ray_head_port: int | None = Field(
+        default=None, ge=1, le=65535,
+        description="GCS port of the local Ray head that `moe up` starts; None = Ray's 6379, or a free port "
+        "when 6379 is taken (a local Redis uses it).",
+    )
     deploy_config: Path | None = Field(
         default=None, description="YAML file with expert pools and their resources (see deploy/pools.yaml)."
     )

@@ -42,3 +42,19 @@ def test_app_graph_builds_with_pool_resources(tmp_path):
     assert settings.payload()["admin_token"] == "s3cret"  # secrets reach the replicas
     app = app_builder({"home": str(tmp_path), "deploy_config": str(DEPLOY / "pools.gpu.yaml")})
     assert app is not None
+
+
+def test_local_head_port_avoids_a_taken_default(monkeypatch):
+    """`moe up` must not clash with a Redis (or anything) on Ray's default 6379."""
+    import socket
+
+    from api import local_ray
+
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        busy = taken.getsockname()[1]
+        monkeypatch.setattr(local_ray, "RAY_DEFAULT_PORT", busy)
+        chosen = local_ray.head_port(Settings())
+        assert chosen != busy and local_ray._port_free(chosen)
+    assert local_ray.head_port(Settings(ray_head_port=6390)) == 6390

@@ -28,10 +28,10 @@ from sklearn.linear_model import LogisticRegression
 from core.settings import Settings
 from experts.backbone import load_backbone
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
-from experts.seed import DEFAULT_DOMAINS, GENERAL_DIR, seed_prompts
+from experts.seed import DEFAULT_DOMAINS, DEFAULT_ROUTER_DIR, GENERAL_DIR, seed_prompts
 from router.augment import augment
 from router.features import FeatureEncoder, layers_key
-from router.gate import BASE
+from router.gate import BASE, Router
 from router.training import RouterTrainConfig, evaluate, train_router_on_features
 
 ROBUSTNESS = Path(__file__).with_name("data") / "robustness.jsonl"
@@ -170,6 +170,19 @@ def main() -> None:
         report["router"]["robustness"] = rm["accuracy_no_abstain"]
         report["router"]["robustness_recall"] = {k: round(v["recall"], 3) for k, v in rm["per_label"].items()}
 
+    # The shipped default router (what `moe up` serves), on the same held-out texts.
+    shipped = Router.load(DEFAULT_ROUTER_DIR)
+    if shipped.labels == LABELS:
+        shipped_encoder = FeatureEncoder(backbone.model, backbone.tokenizer, shipped.config.layers)
+        sm = evaluate(shipped, shipped_encoder.encode(val_texts), y(val))
+        report["shipped"] = {"val": sm["accuracy_no_abstain"], "val_with_abstain": sm["accuracy"],
+                             "recall": {k: round(v["recall"], 3) for k, v in sm["per_label"].items()}}
+        if robust:
+            rm = evaluate(shipped, shipped_encoder.encode(robust_texts), y(robust))
+            report["shipped"]["robustness"] = rm["accuracy_no_abstain"]
+            report["shipped"]["robustness_with_abstain"] = rm["accuracy"]
+        print(f"shipped router: {report['shipped']}", flush=True)
+
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)
     clf = LogisticRegression(max_iter=3000, C=10).fit(vectorizer.fit_transform(train_texts), [lb for _, lb in train])
     report["tfidf"] = {"val": accuracy(clf.predict(vectorizer.transform(val_texts)), [lb for _, lb in val])}
@@ -201,6 +214,10 @@ def main() -> None:
         "router_vs_tfidf_val": round(report["router"]["val"] / report["tfidf"]["val"], 4),
         **({"router_vs_tfidf_robustness": round(report["router"]["robustness"] / report["tfidf"]["robustness"], 4)}
            if robust else {}),
+        **({"shipped_vs_tfidf_val": round(report["shipped"]["val"] / report["tfidf"]["val"], 4)}
+           if "shipped" in report else {}),
+        **({"shipped_vs_tfidf_robustness": round(report["shipped"]["robustness"] / report["tfidf"]["robustness"], 4)}
+           if "shipped" in report and robust else {}),
         **({"router_vs_embedding_val": round(report["router"]["val"] / report["embedding"]["val"], 4)}
            if report["embedding"] else {}),
     }

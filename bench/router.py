@@ -116,6 +116,19 @@ def embedding_baseline(train, val, robust):
     return result
 
 
+def held_out_scores(router: Router, val_x, val_y, robust_x=None, robust_y=None) -> dict:
+    """Top-1 accuracy (without and with abstention), calibration and recall on validation and robustness."""
+    vm = evaluate(router, val_x, val_y)
+    scores = {"val": vm["accuracy_no_abstain"], "val_with_abstain": vm["accuracy"],
+              "abstain_rate": vm["abstain_rate"], "ece": vm["ece"],
+              "recall": {k: round(v["recall"], 3) for k, v in vm["per_label"].items()}}
+    if robust_x is not None:
+        rm = evaluate(router, robust_x, robust_y)
+        scores |= {"robustness": rm["accuracy_no_abstain"], "robustness_with_abstain": rm["accuracy"],
+                   "robustness_recall": {k: round(v["recall"], 3) for k, v in rm["per_label"].items()}}
+    return scores
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 30])
@@ -160,27 +173,18 @@ def main() -> None:
     val_x, robust_x = encoder.encode(val_texts), encoder.encode(robust_texts) if robust else None
     router = train_router_on_features(LABELS, train_x, train_y, val_x, y(val), product_layers, "",
                                       RouterTrainConfig())
-    val_metrics = evaluate(router, val_x, y(val))
-    report["router"] = {"layers": layers_key(product_layers), "val": val_metrics["accuracy_no_abstain"],
-                        "val_with_abstain": val_metrics["accuracy"], "abstain_rate": val_metrics["abstain_rate"],
-                        "ece": val_metrics["ece"],
-                        "recall": {k: round(v["recall"], 3) for k, v in val_metrics["per_label"].items()}}
-    if robust:
-        rm = evaluate(router, robust_x, y(robust))
-        report["router"]["robustness"] = rm["accuracy_no_abstain"]
-        report["router"]["robustness_recall"] = {k: round(v["recall"], 3) for k, v in rm["per_label"].items()}
+    report["router"] = {"layers": layers_key(product_layers), **held_out_scores(router, val_x, y(val), robust_x,
+                                                                               y(robust) if robust else None)}
 
-    # The shipped default router (what `moe up` serves), on the same held-out texts.
+    # The shipped default router (what `moe up` serves), on the same held-out texts; the features above are
+    # reused when it reads the same layers.
     shipped = Router.load(DEFAULT_ROUTER_DIR)
     if shipped.labels == LABELS:
-        shipped_encoder = FeatureEncoder(backbone.model, backbone.tokenizer, shipped.config.layers)
-        sm = evaluate(shipped, shipped_encoder.encode(val_texts), y(val))
-        report["shipped"] = {"val": sm["accuracy_no_abstain"], "val_with_abstain": sm["accuracy"],
-                             "recall": {k: round(v["recall"], 3) for k, v in sm["per_label"].items()}}
-        if robust:
-            rm = evaluate(shipped, shipped_encoder.encode(robust_texts), y(robust))
-            report["shipped"]["robustness"] = rm["accuracy_no_abstain"]
-            report["shipped"]["robustness_with_abstain"] = rm["accuracy"]
+        if list(shipped.config.layers) != product_layers:
+            shipped_encoder = FeatureEncoder(backbone.model, backbone.tokenizer, shipped.config.layers)
+            val_x = shipped_encoder.encode(val_texts)
+            robust_x = shipped_encoder.encode(robust_texts) if robust else None
+        report["shipped"] = held_out_scores(shipped, val_x, y(val), robust_x, y(robust) if robust else None)
         print(f"shipped router: {report['shipped']}", flush=True)
 
     vectorizer = TfidfVectorizer(ngram_range=(1, 2), sublinear_tf=True, min_df=1)

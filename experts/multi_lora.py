@@ -16,8 +16,11 @@ Sibling projections that read the same input (q/k/v of attention, gate/up of the
 A's are stored concatenated, so the group's down-projection is one matmul instead of three (or two),
 computed by whichever member runs first and reused by the others for the same input tensor.
 
-Decode on a CPU is bound by reading weights, so what matters is how many adapter bytes a step touches and
-how many small kernels it launches; docs/benchmarks.md has the measurements.
+Decode on a CPU is bound by reading weights and by the per-call cost of small ops, so what matters is how
+many adapter bytes a step touches and how many small kernels it launches. Everything that depends only on
+the batch's routing (kernel choice, the [N, U*r] gate mask, the compact stacks) is prepared once per pass
+in `set_mixtures`; a layer's forward is then a few tensor ops on 2-D views, no per-row Python.
+docs/benchmarks.md has the measurements.
 """
 
 from __future__ import annotations
@@ -48,27 +51,37 @@ SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj
 
 @dataclass
 class GateState:
-    """What the current forward pass routes; shared by every MultiLoraLinear of one model."""
+    """What the current forward pass routes; shared by every MultiLoraLinear of one model. Everything a layer
+    needs per pass is prepared here once (set_mixtures), so a layer's forward is a handful of tensor ops:
+    a decode step calls ~200 adapted layers, and on a CPU their Python and dispatch overhead, not the adapter
+    FLOPs, is what a step pays for LoRA."""
 
+    kernel: str | None = None
+    """'stacked', 'compact' or 'gathered' for this pass; None = the bare backbone."""
     dense_mask: torch.Tensor | None = None
-    """[N, 1, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked kernel)."""
+    """[N, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked/compact)."""
     used_slots: tuple[int, ...] | None = None
     """The slots stacked this pass, in order; None = every slot (the stored stacks, no copy)."""
     slot_ids: torch.Tensor | None = None
     """[N, k] slot index per row and mixture position (gathered kernel)."""
     weights: torch.Tensor | None = None
     """[N, k] gate weight per row and mixture position; 0 for padding positions."""
-    group_masks: dict[int, torch.Tensor] = field(default_factory=dict)
-    """Group size G -> dense_mask tiled G times ([N, 1, G*U*r]), built on first use per pass."""
+    row_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
+    """(group size G, tokens N*T) -> dense_mask tiled G times and repeated per token ([N*T, G*U*r])."""
 
     @property
     def active(self) -> bool:
-        return self.dense_mask is not None or self.slot_ids is not None
+        return self.kernel is not None
 
-    def mask_for(self, group_size: int) -> torch.Tensor:
-        mask = self.group_masks.get(group_size)
+    def mask_for(self, group_size: int, tokens: int) -> torch.Tensor:
+        key = (group_size, tokens)
+        mask = self.row_masks.get(key)
         if mask is None:
-            mask = self.group_masks[group_size] = self.dense_mask.repeat(1, 1, group_size)
+            mask = self.dense_mask.repeat(1, group_size)  # [N, G*U*r]
+            rows = mask.shape[0]
+            if tokens != rows:  # prefill: T tokens per row, rows are contiguous in x.view(-1, in)
+                mask = mask.repeat_interleave(tokens // rows, dim=0)
+            self.row_masks[key] = mask
         return mask
 
 
@@ -84,10 +97,12 @@ class InputGroup:
         self.state = state
         self.lora_a: torch.Tensor | None = None  # [G, S, r, in], rows of the leader's W_aug
         self.augmented: torch.Tensor | None = None  # W_aug [out_leader + G*S*r, in]
-        self._compact: tuple[tuple[int, ...], torch.Tensor] | None = None  # used slots -> [G*U*r, in]
+        self.split_sizes: list[int] = []  # [out_leader, G*S*r]: W_aug's output split
+        self.compact_a: torch.Tensor | None = None  # [G*U*r, in] for the used slots of a compact pass
+        self._compact_slots: tuple[int, ...] | None = None
         self._input: torch.Tensor | None = None
         self._input_version = -1
-        self._projection: torch.Tensor | None = None  # [N*T, G*U*r], gate mask applied
+        self._parts: tuple[torch.Tensor, ...] = ()  # G x [N*T, U*r], gate mask applied
 
     @property
     def leader(self) -> MultiLoraLinear:
@@ -111,54 +126,35 @@ class InputGroup:
             leader.weight.data = augmented[:out_features]  # a contiguous prefix: the bare path is unchanged
             self.augmented = augmented
             self.lora_a = augmented[out_features:].view(lora_a.shape)
-        self._compact = None
+            self.split_sizes = [out_features, rows]
+        self.compact_a, self._compact_slots = None, None
         self.forget()
         for index, member in enumerate(self.members):
             member.group_index = index
 
-    def forget(self) -> None:
-        self._input = self._projection = None
-
-    def flat_a(self) -> torch.Tensor:
-        """[G*U*r, in] for the slots stacked this pass."""
-        groups, slots, rank, width = self.lora_a.shape
-        used = self.state.used_slots
-        if used is None:
-            return self.lora_a.view(groups * slots * rank, width)
-        if self._compact is None or self._compact[0] != used:
+    def compact(self, used: tuple[int, ...]) -> None:
+        """Gather the used slots' A rows once ([G*U*r, in]); kept while the batch's expert set holds."""
+        if self._compact_slots != used:
             index = torch.tensor(used, device=self.lora_a.device)
-            self._compact = (used, self.lora_a.index_select(1, index).reshape(-1, width))
-        return self._compact[1]
+            self.compact_a = self.lora_a.index_select(1, index).reshape(-1, self.lora_a.shape[-1])
+            self._compact_slots = used
 
-    def _remember(self, x: torch.Tensor, h: torch.Tensor) -> torch.Tensor:
-        rows = self.state.dense_mask.shape[0]
-        # [N*T, G*U*r] viewed as [N, T, G*U*r] so the per-row mask broadcasts over the tokens
-        h = (h.view(rows, -1, h.shape[-1]) * self.state.mask_for(len(self.members))).view(h.shape[0], -1)
-        self._input, self._input_version, self._projection = x, x._version, h
-        return h
+    def forget(self) -> None:
+        self._input, self._parts = None, ()
 
-    def cached(self, x: torch.Tensor) -> torch.Tensor | None:
-        """The masked projection of this very input tensor, if a sibling computed it already (the siblings
+    def remember(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """Apply the gate mask to the group's down-projection h [N*T, G*U*r] and split it per member."""
+        masked = h * self.state.mask_for(len(self.members), h.shape[0])
+        parts = (masked,) if len(self.members) == 1 else masked.split(h.shape[1] // len(self.members), dim=1)
+        self._input, self._input_version, self._parts = x, x._version, parts
+        return parts
+
+    def cached(self, x: torch.Tensor) -> tuple[torch.Tensor, ...] | None:
+        """The masked projections of this very input tensor, if a sibling computed them already (the siblings
         are called with the same tensor object; `_version` guards against in-place changes)."""
         if self._input is x and self._input_version == x._version:
-            return self._projection
+            return self._parts
         return None
-
-    def projection(self, x: torch.Tensor) -> torch.Tensor:
-        """x [N, T, in] -> masked h [N*T, G*U*r] for the whole group (one small matmul)."""
-        h = self.cached(x)
-        if h is None:
-            h = self._remember(x, nn.functional.linear(x.reshape(-1, x.shape[-1]), self.flat_a()))
-        return h
-
-    def leader_forward(self, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """The leader's base output [N, T, out] (a view) and the group's masked h, from one matmul."""
-        out_features = self.leader.out_features
-        z = nn.functional.linear(x, self.augmented, None)  # [N, T, out + G*S*r]
-        if self.leader.base.bias is not None:
-            z[..., :out_features] += self.leader.base.bias
-        h = z[..., out_features:].reshape(-1, z.shape[-1] - out_features)
-        return z[..., :out_features], self._remember(x, h)
 
 
 class MultiLoraLinear(nn.Module):
@@ -172,7 +168,9 @@ class MultiLoraLinear(nn.Module):
         self.group_index = 0
         self.lora_a: torch.Tensor | None = None  # [S, r, in] (a view into the group's storage)
         self.lora_bt: torch.Tensor | None = None  # [S, r, out], B transposed, scaling folded in
-        self._compact_bt: tuple[tuple[int, ...], torch.Tensor] | None = None
+        self.flat_bt: torch.Tensor | None = None  # [S*r, out], a view of lora_bt
+        self.compact_bt: torch.Tensor | None = None  # [U*r, out] for the used slots of a compact pass
+        self._compact_slots: tuple[int, ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -188,36 +186,41 @@ class MultiLoraLinear(nn.Module):
 
     def set_stack(self, lora_a: torch.Tensor | None, lora_bt: torch.Tensor | None) -> None:
         self.lora_a, self.lora_bt = lora_a, lora_bt
-        self._compact_bt = None
+        self.flat_bt = None if lora_bt is None else lora_bt.view(-1, lora_bt.shape[-1])
+        self.compact_bt, self._compact_slots = None, None
 
-    def _flat_bt(self) -> torch.Tensor:
-        slots, rank, width = self.lora_bt.shape
-        used = self.state.used_slots
-        if used is None:
-            return self.lora_bt.view(slots * rank, width)
-        if self._compact_bt is None or self._compact_bt[0] != used:
+    def compact(self, used: tuple[int, ...]) -> None:
+        if self._compact_slots != used:
             index = torch.tensor(used, device=self.lora_bt.device)
-            self._compact_bt = (used, self.lora_bt.index_select(0, index).reshape(-1, width))
-        return self._compact_bt[1]
+            self.compact_bt = self.lora_bt.index_select(0, index).reshape(-1, self.lora_bt.shape[-1])
+            self._compact_slots = used
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        state = self.state
-        if self.lora_a is None or not state.active:
+        kernel = self.state.kernel
+        if kernel is None or self.flat_bt is None:
             # F.linear on the wrapped weights, not self.base(x): one module call less per layer and step
             return nn.functional.linear(x, self.base.weight, self.base.bias)
-        if state.dense_mask is not None:
-            group = self.group
-            h = group.cached(x)
-            if h is None and self.group_index == 0 and state.used_slots is None:
-                y, h = group.leader_forward(x)  # base output and the group's h in one matmul
-            else:
-                y = nn.functional.linear(x, self.base.weight, self.base.bias)
-                h = group.projection(x) if h is None else h  # [N*T, G*U*r]
-            columns = state.dense_mask.shape[-1]
-            own = h[:, self.group_index * columns : (self.group_index + 1) * columns]  # [N*T, U*r]
-            y2d = y.view(-1, y.shape[-1])
-            y2d.addmm_(own, self._flat_bt())
-            return y
+        if kernel == "gathered":
+            return self._gathered(x)
+        group = self.group
+        x2 = x.reshape(-1, x.shape[-1])  # [N*T, in], a view for the contiguous hidden states
+        parts = group.cached(x)
+        if parts is None:
+            if kernel == "stacked" and self.group_index == 0:
+                # the base output and the whole group's down-projection from one matmul over W_aug
+                y, h = nn.functional.linear(x2, group.augmented).split(group.split_sizes, dim=1)
+                if self.base.bias is not None:
+                    y = y + self.base.bias
+                y.addmm_(group.remember(x, h)[0], self.flat_bt)
+                return y.view(*x.shape[:-1], -1)
+            a = group.lora_a.view(-1, x2.shape[-1]) if kernel == "stacked" else group.compact_a
+            parts = group.remember(x, nn.functional.linear(x2, a))  # G x [N*T, U*r]
+        y = nn.functional.linear(x2, self.base.weight, self.base.bias)  # [N*T, out]
+        y.addmm_(parts[self.group_index], self.flat_bt if kernel == "stacked" else self.compact_bt)
+        return y.view(*x.shape[:-1], -1)
+
+    def _gathered(self, x: torch.Tensor) -> torch.Tensor:
+        state = self.state
         y = nn.functional.linear(x, self.base.weight, self.base.bias)
         a = self.lora_a[state.slot_ids]  # [N, k, r, in]
         bt = self.lora_bt[state.slot_ids]  # [N, k, r, out]
@@ -239,7 +242,9 @@ class MultiLoraModel:
         self.layers: dict[str, MultiLoraLinear] = {}
         self.groups: list[InputGroup] = []
         self.slots: list[LoraWeights | None] = []
+        self._slot_index: dict[str, int] = {}
         self.rank = 0
+        self._reference = next(model.parameters())  # device and dtype of the backbone
 
     # ---- adapters ----------------------------------------------------------------------
     @property
@@ -247,10 +252,7 @@ class MultiLoraModel:
         return [w.name for w in self.slots if w is not None]
 
     def slot_of(self, name: str) -> int:
-        for index, weights in enumerate(self.slots):
-            if weights is not None and weights.name == name:
-                return index
-        raise KeyError(name)
+        return self._slot_index[name]
 
     def _wrap(self, path: str) -> MultiLoraLinear:
         if path in self.layers:
@@ -305,6 +307,7 @@ class MultiLoraModel:
         return groups
 
     def _rebuild(self) -> None:
+        self._slot_index = {w.name: i for i, w in enumerate(self.slots) if w is not None}
         live = [w for w in self.slots if w is not None]
         self.rank = max((w.rank for w in live), default=0)
         num_slots = len(self.slots)
@@ -349,11 +352,8 @@ class MultiLoraModel:
     def compact_cache_bytes(self) -> int:
         """Bytes of the gathered stacks of the slots a batch uses (many-slot case only; bounded by
         COMPACT_MAX_COLUMNS columns per layer, whatever the number of experts)."""
-        total = sum(g._compact[1].numel() * g._compact[1].element_size() for g in self.groups if g._compact)
-        return total + sum(
-            layer._compact_bt[1].numel() * layer._compact_bt[1].element_size()
-            for layer in self.layers.values() if layer._compact_bt
-        )
+        tensors = [g.compact_a for g in self.groups] + [layer.compact_bt for layer in self.layers.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
     # ---- routing -----------------------------------------------------------------------
     def use_stacked(self) -> bool:
@@ -362,9 +362,12 @@ class MultiLoraModel:
 
     def kernel_for(self, mixtures: Sequence[Mixture]) -> str:
         """'stacked' (all slots), 'compact' (the used slots) or 'gathered' for this batch."""
+        return self._kernel([[(self._slot_index[name], w) for name, w in m] for m in mixtures])
+
+    def _kernel(self, slots: Sequence[Sequence[tuple[int, float]]]) -> str:
         if self.use_stacked():
             return "stacked"
-        used = {self.slot_of(name) for mixture in mixtures for name, _ in mixture}
+        used = {s for mixture in slots for s, _ in mixture}
         return "compact" if len(used) * max(self.rank, 1) <= self.compact_max_columns else "gathered"
 
     def set_mixtures(self, mixtures: Sequence[Mixture]) -> None:
@@ -373,38 +376,41 @@ class MultiLoraModel:
         self.clear()
         if not self.slots or not any(mixtures):
             return
-        device = next(self.model.parameters()).device
-        dtype = next(self.model.parameters()).dtype
-        rows = len(mixtures)
-        kernel = self.kernel_for(mixtures)
-        if kernel != "gathered":
-            used = None
+        index = self._slot_index
+        slots = [[(index[name], weight) for name, weight in mixture] for mixture in mixtures]  # KeyError if unknown
+        ref = self._reference
+        kernel = self._kernel(slots)
+        if kernel == "gathered":
+            k = max(len(m) for m in slots)
+            slot_ids = [[s for s, _ in m] + [0] * (k - len(m)) for m in slots]
+            weights = [[w for _, w in m] + [0.0] * (k - len(m)) for m in slots]
+            state.slot_ids = torch.tensor(slot_ids, dtype=torch.long, device=ref.device)
+            state.weights = torch.tensor(weights, dtype=ref.dtype, device=ref.device)
+        else:
             columns = list(range(len(self.slots)))
             if kernel == "compact":
-                used = tuple(sorted({self.slot_of(name) for mixture in mixtures for name, _ in mixture}))
-                columns = list(used)
+                state.used_slots = tuple(sorted({s for m in slots for s, _ in m}))
+                columns = list(state.used_slots)
+                for group in self.groups:  # gathered once; reused while the batch's expert set holds
+                    group.compact(state.used_slots)
+                for layer in self.layers.values():
+                    if layer.lora_bt is not None:
+                        layer.compact(state.used_slots)
             position = {slot: i for i, slot in enumerate(columns)}
-            dense = torch.zeros(rows, len(columns), dtype=dtype)
-            for row, mixture in enumerate(mixtures):
-                for name, weight in mixture:
-                    dense[row, position[self.slot_of(name)]] += weight
-            mask = dense.repeat_interleave(self.rank, dim=1)  # [N, U*r]
-            state.dense_mask = mask.unsqueeze(1).to(device)
-            state.used_slots = used
-            return
-        k = max(len(m) for m in mixtures)
-        slot_ids = torch.zeros(rows, k, dtype=torch.long)
-        weights = torch.zeros(rows, k, dtype=dtype)
-        for row, mixture in enumerate(mixtures):
-            for position, (name, weight) in enumerate(mixture):
-                slot_ids[row, position] = self.slot_of(name)
-                weights[row, position] = weight
-        state.slot_ids, state.weights = slot_ids.to(device), weights.to(device)
+            dense = [[0.0] * len(columns) for _ in slots]
+            for row, mixture in zip(dense, slots, strict=True):
+                for slot, weight in mixture:
+                    row[position[slot]] += weight
+            # [N, U*r]: each slot's gate weight repeated over its rank columns
+            state.dense_mask = torch.tensor(dense, dtype=ref.dtype, device=ref.device).repeat_interleave(
+                self.rank, dim=1
+            )
+        state.kernel = kernel
 
     def clear(self) -> None:
         state = self.state
-        state.dense_mask = state.slot_ids = state.weights = state.used_slots = None
-        state.group_masks = {}
+        state.kernel = state.dense_mask = state.slot_ids = state.weights = state.used_slots = None
+        state.row_masks = {}
         for group in self.groups:
             group.forget()
 

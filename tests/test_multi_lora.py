@@ -138,3 +138,23 @@ def test_siblings_share_one_projection_and_bare_weights_survive(backbone, adapte
         engine.remove_adapter(name)
     for n, p in backbone.model.named_parameters():
         torch.testing.assert_close(p, original[n.replace(".base.", ".")], rtol=0, atol=0)
+
+
+def test_compact_stacks_follow_the_batch_expert_set(backbone, adapters):
+    """The compact kernel gathers the used slots once per expert set; a later pass with another set (rows
+    joined or left) must gather again and still match peft, and the gathered stacks stay bounded."""
+    base = copy.deepcopy(backbone.model)
+    ids = torch.randint(0, backbone.model.config.vocab_size, (2, 5))
+    expected = {name: _peft_logits(base, path, ids) for name, path in adapters.items()}
+    engine = MultiLoraModel(backbone.model, stacked_max_columns=0, compact_max_columns=1024)
+    for name, path in adapters.items():
+        engine.add_adapter(load_lora_weights(path, name))
+    per_slot = load_lora_weights(adapters["b"], "b").num_parameters * 4  # fp32, every slot padded to rank 8
+    for first, second in (("a", "b"), ("c", "a"), ("b", "b")):
+        mixtures = [[(first, 1.0)], [(second, 1.0)]]
+        assert engine.kernel_for(mixtures) == "compact"
+        with torch.no_grad(), engine.routing(mixtures):
+            out = backbone.model(input_ids=ids).logits
+        torch.testing.assert_close(out[0], expected[first][0], rtol=1e-4, atol=1e-4)
+        torch.testing.assert_close(out[1], expected[second][1], rtol=1e-4, atol=1e-4)
+        assert 0 < engine.compact_cache_bytes() <= len({first, second}) * per_slot

@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
 
+from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.adapters import load_validated
 from experts.backbone import Backbone
@@ -77,6 +78,7 @@ class ExpertPoolCore:
             removed.append(name)
         if added or removed:
             logger.info("Pool %s: loaded %s, dropped %s", self.name, added, removed)
+            release_openmp_pool()  # loading ran torch ops on this thread; the engine thread owns the cores
         return {"added": added, "removed": removed}
 
     def experts(self) -> list[str]:

@@ -8,6 +8,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections.abc import Callable, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 from router.gate import RoutingDecision
@@ -31,6 +32,9 @@ class RouteBatcher:
         self.max_batch = max_batch
         self._pending: list[_Pending] = []
         self._worker: asyncio.Task[None] | None = None
+        # One thread for every pass (passes are sequential anyway): torch then keeps one OpenMP pool in this
+        # process instead of one per executor thread, which oversubscribes the cores (core.device).
+        self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="moe-route")
         self.batches = 0
         """Backbone passes run so far (tests and metrics)."""
 
@@ -48,7 +52,9 @@ class RouteBatcher:
             same = [p for p in batch if p.top_k == top_k]  # one top-k per pass; others wait for the next
             self._pending = [p for p in batch if p.top_k != top_k] + self._pending
             try:
-                decisions = await asyncio.to_thread(self.route_many, [p.text for p in same], top_k)
+                decisions = await asyncio.get_running_loop().run_in_executor(
+                    self._executor, self.route_many, [p.text for p in same], top_k
+                )
             except Exception as exc:  # every waiter of this pass gets the error; the next pass runs anew
                 for p in same:
                     if not p.future.done():

@@ -25,6 +25,7 @@ import time
 import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 
+from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.adapters import LoraWeights
 from experts.backbone import Backbone, load_backbone
@@ -120,6 +121,8 @@ def main() -> None:
     peft_model.eval()
     names = [four[i % 4] for i in range(len(prompts))]
 
+    release_openmp_pool()  # model copies and adapters were built on this thread; from here each variant's
+    # thread holds the only OpenMP pool while it runs (see core.device.release_openmp_pool)
     for engine, mixtures in ((bare_engine, bare), (four_engine, mixed4), (many_engine, mixed32)):
         run_engine(engine, prompts, mixtures, 4)  # warm-up
     results: dict[str, list[dict[str, float]]] = {"bare": [], "multi_lora_4": [], "multi_lora_32": [],
@@ -129,6 +132,7 @@ def main() -> None:
         results["multi_lora_4"].append(run_engine(four_engine, prompts, mixed4, args.new_tokens))
         results["multi_lora_32"].append(run_engine(many_engine, prompts, mixed32, args.new_tokens))
         results["peft_mixed_4"].append(run_peft_mixed(peft_model, tok, prompts, names, args.new_tokens))
+        release_openmp_pool()  # the engines' threads must not share the cores with this thread's OpenMP pool
     for engine in (bare_engine, four_engine, many_engine):
         engine.stop()
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
+import os
+from pathlib import Path
 
 import torch
 
@@ -29,3 +32,40 @@ def pick_dtype(settings: Settings, device: torch.device) -> torch.dtype:
 def apply_thread_settings(settings: Settings) -> None:
     if settings.torch_threads > 0:
         torch.set_num_threads(settings.torch_threads)
+
+
+def release_openmp_pool() -> bool:
+    """Release the calling thread's OpenMP worker threads (GNU OpenMP, as bundled with PyTorch's CPU builds).
+
+    Why: libgomp keeps one worker pool per thread that ever ran a parallel torch op. Once the process holds
+    more OpenMP threads than CPUs (the thread that loaded the model, plus the engine thread that decodes),
+    libgomp throttles its spin-wait and every parallel op pays a sleep/wake-up: measured here, a decode step
+    on the engine thread ran 20-30% slower while the loading thread's pool lingered, and the many small
+    LoRA matmuls suffered most. Call it from a thread that is done with torch for now (it recreates its pool
+    on its next parallel op). Returns False where there is nothing to release (no libgomp, e.g. macOS or an
+    Intel OpenMP build; CUDA-only work).
+    """
+    global _PAUSE
+    if _PAUSE is None:
+        _PAUSE = _find_omp_pause()
+    if not _PAUSE:
+        return False
+    return _PAUSE(_OMP_PAUSE_HARD) == 0
+
+
+_OMP_PAUSE_HARD = 2
+_PAUSE = None
+
+
+def _find_omp_pause():
+    """omp_pause_resource_all from the libgomp torch links against; False when unavailable."""
+    candidates = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
+    for path in [*candidates, "libgomp.so.1"]:
+        try:  # RTLD_NOLOAD: only the runtime torch already loaded, never a second copy
+            function = ctypes.CDLL(str(path), mode=os.RTLD_NOLOAD).omp_pause_resource_all
+        except (OSError, AttributeError):
+            continue
+        function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
+        return function
+    logger.debug("No libgomp with omp_pause_resource_all: OpenMP pools are left as they are")
+    return False

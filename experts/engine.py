@@ -23,6 +23,7 @@ from dataclasses import dataclass, field
 import torch
 from transformers import DynamicCache
 
+from core.device import release_openmp_pool
 from core.errors import ExpertNotFoundError, InvalidInputError, OverloadedError
 from core.settings import Settings
 from experts.adapters import LoraWeights
@@ -127,6 +128,9 @@ class GenerationEngine:
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> GenerationEngine:
         if self._thread is None:
+            # From here on the engine thread does the torch work; the caller's OpenMP workers (left from
+            # loading the model) would otherwise oversubscribe the cores and slow every step (core.device).
+            release_openmp_pool()
             self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
             self._thread.start()
         return self
@@ -266,7 +270,11 @@ class GenerationEngine:
     # ---- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:
         torch.set_grad_enabled(False)
+        busy = False
         while not self._stopping.is_set():
+            if busy and not self._rows:
+                release_openmp_pool()  # idle: give the cores' OpenMP threads back (recreated on the next batch)
+            busy = bool(self._rows)
             try:
                 self._apply_commands()
                 self._apply_removals()

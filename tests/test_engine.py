@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import asyncio
 import copy
+import threading
+import time
 
 import pytest
 import torch
@@ -168,3 +170,37 @@ def test_removing_an_adapter_waits_for_requests_in_flight(backbone, settings, ad
             engine.submit(GenerationRequest(prompt, [("ad", 1.0)]), lambda e: None)
     finally:
         engine.stop()
+
+
+def test_engine_thread_is_the_only_openmp_pool(backbone, settings, monkeypatch):
+    """The caller's OpenMP workers are released when the engine starts, and the engine's own when its batch
+    drains, so an idle engine never oversubscribes the cores for another thread (core.device)."""
+    import experts.engine as engine_module
+
+    calls: list[str] = []
+    monkeypatch.setattr(engine_module, "release_openmp_pool",
+                        lambda: calls.append(threading.current_thread().name) or True)
+    engine = GenerationEngine(backbone, settings).start()
+    try:
+        assert calls == [threading.current_thread().name]
+        ids = backbone.tokenizer("hello there")["input_ids"]
+        engine.generate_many([GenerationRequest(ids, (), SamplingParams(max_tokens=3, temperature=0))])
+        deadline = time.monotonic() + 5
+        while "moe-engine" not in calls and time.monotonic() < deadline:
+            time.sleep(0.01)
+        time.sleep(0.2)  # a few idle polls of the loop (50 ms each)
+        assert calls.count("moe-engine") == 1  # once per drained batch, not on every idle poll
+    finally:
+        engine.stop()
+
+
+def test_release_openmp_pool_keeps_torch_working():
+    from core.device import release_openmp_pool
+
+    x = torch.randn(256, 256)
+    expected = x @ x
+    released = release_openmp_pool()
+    assert isinstance(released, bool)
+    torch.testing.assert_close(x @ x, expected)  # the pool is recreated on the next parallel op
+    if not released:
+        pytest.skip("no GNU OpenMP runtime with omp_pause_resource_all in this torch build")

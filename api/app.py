@@ -128,7 +128,7 @@ def create_app(get_gateway: Callable[[], Gateway]) -> FastAPI:
 
     async def _collect(gw: Gateway, dispatch: Dispatch) -> tuple[str, dict[str, Any]]:
         parts, last = [], {}
-        async for event in gw.stream(dispatch):
+        async for event in gw.stream(dispatch, coalesce=True):
             parts.append(event.get("text", ""))
             last = event
         if last.get("finish_reason") == "error":

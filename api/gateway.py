@@ -168,10 +168,11 @@ class Gateway:
                         forced, params, route_text, pool)
 
     # ---- generating --------------------------------------------------------------------
-    async def stream(self, dispatch: Dispatch) -> AsyncIterator[dict[str, Any]]:
-        """Events from the pool: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}."""
+    async def stream(self, dispatch: Dispatch, coalesce: bool = False) -> AsyncIterator[dict[str, Any]]:
+        """Events from the pool: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}; with
+        `coalesce` (a non-streamed answer) the pool sends one final event carrying the whole text."""
         payload = {"request_id": dispatch.request_id, "prompt_ids": dispatch.prompt_ids,
-                   "mixture": dispatch.mixture, "params": dispatch.params}
+                   "mixture": dispatch.mixture, "params": dispatch.params, "coalesce": coalesce}
         last: dict[str, Any] = {}
         status, error = 200, None
         try:

@@ -93,8 +93,18 @@ class ExpertPoolCore:
             params=SamplingParams(**params),
             request_id=payload.get("request_id") or GenerationRequest([0]).request_id,
         )
+        if not payload.get("coalesce"):
+            async for event in self.engine.stream(request):
+                yield asdict(event)
+            return
+        # A non-streamed answer crosses the Ray boundary once, not once per token: with 16 clients decoding
+        # together, per-token events between the pool and the ingress are what the service pays over the engine.
+        parts: list[str] = []
         async for event in self.engine.stream(request):
-            yield asdict(event)
+            parts.append(event.text)
+            if event.finish_reason is not None:
+                event.text = "".join(parts)
+                yield asdict(event)
 
     def close(self) -> None:
         self.engine.stop()

@@ -22,6 +22,7 @@ import os
 import tempfile
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import httpx
@@ -30,6 +31,7 @@ import uvicorn
 from fastapi import FastAPI
 from peft import PeftModel
 
+from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.backbone import load_backbone
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
@@ -85,18 +87,24 @@ def plain_baseline_app(backbone, bare_model, max_tokens: int) -> FastAPI:
     for domain in DOMAINS[1:]:
         model.load_adapter(str(DEFAULT_ADAPTERS_DIR / domain), adapter_name=domain)
     model.eval()
-    lock = threading.Lock()
+    # set_adapter switches global state: one request at a time, all on one thread (one OpenMP pool, as the
+    # engine has; a pool per server worker thread would oversubscribe the cores, see core.device)
+    worker = ThreadPoolExecutor(max_workers=1)
     app = FastAPI()
 
-    @app.post("/v1/chat/completions")
-    def chat(body: dict) -> dict:
+    def generate(body: dict) -> int:
         ids = backbone.tokenizer.apply_chat_template(body["messages"], add_generation_prompt=True,
                                                      return_tensors="pt", return_dict=True)
-        with lock, torch.no_grad():  # set_adapter switches global state: one request at a time
+        with torch.no_grad():
             model.set_adapter(body["model"])
             out = model.generate(**ids, max_new_tokens=body["max_tokens"], do_sample=False,
                                  pad_token_id=backbone.tokenizer.pad_token_id)
-        return {"usage": {"completion_tokens": int(out.shape[1] - ids["input_ids"].shape[1])}}
+        return int(out.shape[1] - ids["input_ids"].shape[1])
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: dict) -> dict:
+        tokens = await asyncio.get_running_loop().run_in_executor(worker, generate, body)
+        return {"usage": {"completion_tokens": tokens}}
 
     return app
 
@@ -126,6 +134,7 @@ def main() -> None:
                                                           tokenize=True, return_dict=True)["input_ids"],
                                   [(d, 1.0)], SamplingParams(max_tokens=args.max_tokens, temperature=0))
                 for d, t in work]
+    release_openmp_pool()  # adapters were loaded on this thread; the engine thread does the decoding
     started = time.perf_counter()
     results = engine.generate_many(requests)
     elapsed = time.perf_counter() - started

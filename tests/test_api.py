@@ -245,3 +245,29 @@ def test_pickled_adapter_job_fails_and_registers_nothing(shared, tmp_path):
     assert job["status"] == "failed" and "only safetensors" in job["message"]
     with sessions() as session:
         assert repo.get_expert(session, "evil") is None
+
+
+def test_non_streamed_answers_cross_the_pool_boundary_once(shared):
+    """A non-streamed request gets one event from the pool (the whole text and the final counts); a streamed one
+    gets one per token; both carry the same greedy answer, and the HTTP answer is that text."""
+    client, gateway, _ = shared
+    core = gateway.pools[0].core
+    prompt = gateway.tokenizer("I have a bad headache and fever")["input_ids"]
+
+    async def events(coalesce: bool) -> list[dict]:
+        payload = {"prompt_ids": prompt, "mixture": [("medical", 1.0)], "coalesce": coalesce,
+                   "params": {"max_tokens": 6, "temperature": 0}}
+        return [event async for event in core.stream(payload)]
+
+    streamed, coalesced = asyncio.run(events(False)), asyncio.run(events(True))
+    assert len(streamed) > 1 and len(coalesced) == 1
+    assert coalesced[0]["text"] == "".join(e["text"] for e in streamed)
+    assert {k: coalesced[0][k] for k in ("finish_reason", "prompt_tokens", "completion_tokens")} == {
+        k: streamed[-1][k] for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
+    body = {"model": "medical", "max_tokens": 6, "temperature": 0,
+            "messages": [{"role": "user", "content": "my knee is swollen after running"}]}
+    whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]
+    with client.stream("POST", "/v1/chat/completions", json={**body, "stream": True}) as response:
+        chunks = [json.loads(line[6:]) for line in response.iter_lines()
+                  if line.startswith("data: ") and line != "data: [DONE]"]
+    assert whole == "".join(c["choices"][0]["delta"].get("content", "") for c in chunks)

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ctypes
+import functools
 import logging
 import os
 from pathlib import Path
@@ -45,20 +46,16 @@ def release_openmp_pool() -> bool:
     on its next parallel op). Returns False where there is nothing to release (no libgomp, e.g. macOS or an
     Intel OpenMP build; CUDA-only work).
     """
-    global _PAUSE
-    if _PAUSE is None:
-        _PAUSE = _find_omp_pause()
-    if not _PAUSE:
-        return False
-    return _PAUSE(_OMP_PAUSE_HARD) == 0
+    pause = _omp_pause()
+    return pause is not None and pause(_OMP_PAUSE_HARD) == 0
 
 
 _OMP_PAUSE_HARD = 2
-_PAUSE = None
 
 
-def _find_omp_pause():
-    """omp_pause_resource_all from the libgomp torch links against; False when unavailable."""
+@functools.cache
+def _omp_pause():
+    """omp_pause_resource_all from the libgomp torch links against; None when unavailable."""
     candidates = sorted((Path(torch.__file__).parent / "lib").glob("libgomp*.so*"))
     for path in [*candidates, "libgomp.so.1"]:
         try:  # RTLD_NOLOAD: only the runtime torch already loaded, never a second copy
@@ -68,4 +65,4 @@ def _find_omp_pause():
         function.argtypes, function.restype = [ctypes.c_int], ctypes.c_int
         return function
     logger.debug("No libgomp with omp_pause_resource_all: OpenMP pools are left as they are")
-    return False
+    return None

@@ -60,18 +60,12 @@ class GateState:
     """'stacked', 'compact' or 'gathered' for this pass; None = the bare backbone."""
     dense_mask: torch.Tensor | None = None
     """[N, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked/compact)."""
-    used_slots: tuple[int, ...] | None = None
-    """The slots stacked this pass, in order; None = every slot (the stored stacks, no copy)."""
     slot_ids: torch.Tensor | None = None
     """[N, k] slot index per row and mixture position (gathered kernel)."""
     weights: torch.Tensor | None = None
     """[N, k] gate weight per row and mixture position; 0 for padding positions."""
     row_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     """(group size G, tokens N*T) -> dense_mask tiled G times and repeated per token ([N*T, G*U*r])."""
-
-    @property
-    def active(self) -> bool:
-        return self.kernel is not None
 
     def mask_for(self, group_size: int, tokens: int) -> torch.Tensor:
         key = (group_size, tokens)
@@ -99,7 +93,6 @@ class InputGroup:
         self.augmented: torch.Tensor | None = None  # W_aug [out_leader + G*S*r, in]
         self.split_sizes: list[int] = []  # [out_leader, G*S*r]: W_aug's output split
         self.compact_a: torch.Tensor | None = None  # [G*U*r, in] for the used slots of a compact pass
-        self._compact_slots: tuple[int, ...] | None = None
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._parts: tuple[torch.Tensor, ...] = ()  # G x [N*T, U*r], gate mask applied
@@ -127,17 +120,14 @@ class InputGroup:
             self.augmented = augmented
             self.lora_a = augmented[out_features:].view(lora_a.shape)
             self.split_sizes = [out_features, rows]
-        self.compact_a, self._compact_slots = None, None
+        self.compact_a = None
         self.forget()
         for index, member in enumerate(self.members):
             member.group_index = index
 
-    def compact(self, used: tuple[int, ...]) -> None:
-        """Gather the used slots' A rows once ([G*U*r, in]); kept while the batch's expert set holds."""
-        if self._compact_slots != used:
-            index = torch.tensor(used, device=self.lora_a.device)
-            self.compact_a = self.lora_a.index_select(1, index).reshape(-1, self.lora_a.shape[-1])
-            self._compact_slots = used
+    def compact(self, index: torch.Tensor) -> None:
+        """Gather the used slots' A rows ([G*U*r, in])."""
+        self.compact_a = self.lora_a.index_select(1, index).reshape(-1, self.lora_a.shape[-1])
 
     def forget(self) -> None:
         self._input, self._parts = None, ()
@@ -170,7 +160,6 @@ class MultiLoraLinear(nn.Module):
         self.lora_bt: torch.Tensor | None = None  # [S, r, out], B transposed, scaling folded in
         self.flat_bt: torch.Tensor | None = None  # [S*r, out], a view of lora_bt
         self.compact_bt: torch.Tensor | None = None  # [U*r, out] for the used slots of a compact pass
-        self._compact_slots: tuple[int, ...] | None = None
 
     @property
     def in_features(self) -> int:
@@ -187,13 +176,11 @@ class MultiLoraLinear(nn.Module):
     def set_stack(self, lora_a: torch.Tensor | None, lora_bt: torch.Tensor | None) -> None:
         self.lora_a, self.lora_bt = lora_a, lora_bt
         self.flat_bt = None if lora_bt is None else lora_bt.view(-1, lora_bt.shape[-1])
-        self.compact_bt, self._compact_slots = None, None
+        self.compact_bt = None
 
-    def compact(self, used: tuple[int, ...]) -> None:
-        if self._compact_slots != used:
-            index = torch.tensor(used, device=self.lora_bt.device)
-            self.compact_bt = self.lora_bt.index_select(0, index).reshape(-1, self.lora_bt.shape[-1])
-            self._compact_slots = used
+    def compact(self, index: torch.Tensor) -> None:
+        """Gather the used slots' B^T rows ([U*r, out])."""
+        self.compact_bt = self.lora_bt.index_select(0, index).reshape(-1, self.lora_bt.shape[-1])
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.state.kernel
@@ -243,6 +230,7 @@ class MultiLoraModel:
         self.groups: list[InputGroup] = []
         self.slots: list[LoraWeights | None] = []
         self._slot_index: dict[str, int] = {}
+        self._compacted: tuple[int, ...] | None = None  # the slots the compact stacks hold now
         self.rank = 0
         self._reference = next(model.parameters())  # device and dtype of the backbone
 
@@ -308,6 +296,7 @@ class MultiLoraModel:
 
     def _rebuild(self) -> None:
         self._slot_index = {w.name: i for i, w in enumerate(self.slots) if w is not None}
+        self._compacted = None  # set_stack drops the compact stacks
         live = [w for w in self.slots if w is not None]
         self.rank = max((w.rank for w in live), default=0)
         num_slots = len(self.slots)
@@ -389,13 +378,16 @@ class MultiLoraModel:
         else:
             columns = list(range(len(self.slots)))
             if kernel == "compact":
-                state.used_slots = tuple(sorted({s for m in slots for s, _ in m}))
-                columns = list(state.used_slots)
-                for group in self.groups:  # gathered once; reused while the batch's expert set holds
-                    group.compact(state.used_slots)
-                for layer in self.layers.values():
-                    if layer.lora_bt is not None:
-                        layer.compact(state.used_slots)
+                used = tuple(sorted({s for m in slots for s, _ in m}))
+                columns = list(used)
+                if used != self._compacted:  # gathered once; reused while the batch's expert set holds
+                    index = torch.tensor(used, device=ref.device)
+                    for group in self.groups:
+                        group.compact(index)
+                    for layer in self.layers.values():
+                        if layer.lora_bt is not None:
+                            layer.compact(index)
+                    self._compacted = used
             position = {slot: i for i, slot in enumerate(columns)}
             dense = [[0.0] * len(columns) for _ in slots]
             for row, mixture in zip(dense, slots, strict=True):
@@ -409,7 +401,7 @@ class MultiLoraModel:
 
     def clear(self) -> None:
         state = self.state
-        state.kernel = state.dense_mask = state.slot_ids = state.weights = state.used_slots = None
+        state.kernel = state.dense_mask = state.slot_ids = state.weights = None
         state.row_masks = {}
         for group in self.groups:
             group.forget()

@@ -7,6 +7,8 @@ Rows leave the batch as soon as they finish or their client goes away.
 
 The running batch is left-padded: the KV cache is [B, kv_heads, L, head_dim] per layer with a
 [B, L] attention mask; each row keeps its own position counter, so padding never shifts positions.
+The cache layers keep headroom along L (experts/kv_cache.py), so a decode step writes one column in place
+instead of copying the whole cache.
 """
 
 from __future__ import annotations
@@ -21,13 +23,13 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
-from transformers import DynamicCache
 
 from core.device import release_openmp_pool
 from core.errors import ExpertNotFoundError, InvalidInputError, OverloadedError
 from core.settings import Settings
 from experts.adapters import LoraWeights
 from experts.backbone import Backbone
+from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
 
 logger = logging.getLogger(__name__)
@@ -117,7 +119,7 @@ class GenerationEngine:
         self._rows: list[_Row] = []
         self._by_id: dict[str, _Row] = {}
         self._pending_removals: set[str] = set()
-        self._cache: DynamicCache | None = None
+        self._cache: GrowingCache | None = None
         self._mask: torch.Tensor | None = None  # [B, L]
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -340,7 +342,7 @@ class GenerationEngine:
                 live.append(row)
         return live
 
-    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: DynamicCache,
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: GrowingCache,
                  mixtures: list[Mixture]) -> torch.Tensor:
         with self.multi.routing(mixtures):
             out = self.model(
@@ -359,14 +361,14 @@ class GenerationEngine:
             ids[i, length - len(prompt):] = torch.tensor(prompt)
             mask[i, length - len(prompt):] = 1
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
-        cache = DynamicCache()
+        cache = GrowingCache()
         logits = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
                                [r.request.mixture for r in rows])
         self._merge(rows, cache, mask.to(self.device))
         self.stats["prefills"] += 1
         self._emit(rows, logits)
 
-    def _merge(self, rows: list[_Row], cache: DynamicCache, mask: torch.Tensor) -> None:
+    def _merge(self, rows: list[_Row], cache: GrowingCache, mask: torch.Tensor) -> None:
         if not self._rows or self._cache is None or self._mask is None:
             self._rows, self._cache, self._mask = list(rows), cache, mask
             return
@@ -381,8 +383,8 @@ class GenerationEngine:
             return torch.cat([t.new_zeros(shape), t], dim=dim)
 
         for old, new in zip(self._cache.layers, cache.layers, strict=True):
-            old.keys = torch.cat([left_pad(old.keys, 2, length), left_pad(new.keys, 2, length)], dim=0)
-            old.values = torch.cat([left_pad(old.values, 2, length), left_pad(new.values, 2, length)], dim=0)
+            old.assign(torch.cat([left_pad(old.keys, 2, length), left_pad(new.keys, 2, length)], dim=0),
+                       torch.cat([left_pad(old.values, 2, length), left_pad(new.values, 2, length)], dim=0))
         self._mask = torch.cat([left_pad(self._mask, 1, length), left_pad(mask, 1, length)], dim=0)
         self._rows.extend(rows)
 
@@ -485,7 +487,7 @@ class GenerationEngine:
         mask = self._mask.index_select(0, index)
         start = int((mask.sum(0) > 0).nonzero()[0])  # drop columns that are padding for every row left
         for layer in self._cache.layers:
-            layer.keys = layer.keys.index_select(0, index)[:, :, start:]
-            layer.values = layer.values.index_select(0, index)[:, :, start:]
+            layer.assign(layer.keys.index_select(0, index)[:, :, start:],
+                         layer.values.index_select(0, index)[:, :, start:])
         self._mask = mask[:, start:]
         self._rows = [self._rows[i] for i in keep]

@@ -9,6 +9,8 @@ reads a view of the filled part. The buffer grows (one copy) only every `chunk` 
 
 from __future__ import annotations
 
+import functools
+
 import torch
 from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
@@ -78,4 +80,4 @@ class GrowingCache(DynamicCache):
 
     def __init__(self, chunk: int = CHUNK) -> None:
         super().__init__()
-        self.layer_class_to_replicate = lambda: GrowingLayer(chunk)
+        self.layer_class_to_replicate = functools.partial(GrowingLayer, chunk)  # built lazily, one per layer

@@ -26,13 +26,12 @@ import time
 
 import torch
 
-from bench.engine import random_adapter
+from bench.engine import chat_prompts, random_adapter
 from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.backbone import load_backbone
 from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
-from experts.seed import seed_prompts
 
 
 class Variant:
@@ -77,11 +76,7 @@ def main() -> None:
     logging.basicConfig(level=logging.WARNING)
     backbone = load_backbone(Settings())
     tok = backbone.tokenizer
-    texts = []
-    for domain in ("medical", "finance", "legal", "support"):
-        texts += seed_prompts(domain)[1][: args.batch // 4]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for t in texts]
+    prompts = chat_prompts(tok, args.batch)
     length = max(map(len, prompts))
     ids = torch.full((len(prompts), length), tok.pad_token_id, dtype=torch.long)
     mask = torch.zeros((len(prompts), length), dtype=torch.long)

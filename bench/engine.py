@@ -46,6 +46,15 @@ def random_adapter(model, name: str, rank: int, seed: int) -> LoraWeights:
     return LoraWeights(name=name, rank=rank, modules=modules)
 
 
+def chat_prompts(tokenizer, batch: int) -> list[list[int]]:
+    """`batch` validation prompts, a quarter from each default domain, as chat-templated token ids."""
+    texts = []
+    for domain in ("medical", "finance", "legal", "support"):
+        texts += seed_prompts(domain)[1][: batch // 4]
+    return [tokenizer.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True,
+                                          tokenize=True, return_dict=True)["input_ids"] for t in texts]
+
+
 def run_engine(engine: GenerationEngine, prompts, mixtures, new_tokens: int) -> dict[str, float]:
     """One batch; returns decode and end-to-end tokens/s."""
     params = SamplingParams(max_tokens=new_tokens, temperature=0)
@@ -97,11 +106,7 @@ def main() -> None:
     settings = Settings(max_batch_size=args.batch)
     backbone = load_backbone(settings)
     tok = backbone.tokenizer
-    texts = []
-    for domain in ("medical", "finance", "legal", "support"):
-        texts += seed_prompts(domain)[1][: args.batch // 4]
-    prompts = [tok.apply_chat_template([{"role": "user", "content": t}], add_generation_prompt=True, tokenize=True,
-                                       return_dict=True)["input_ids"] for t in texts]
+    prompts = chat_prompts(tok, args.batch)
     adapters = [random_adapter(backbone.model, f"e{i}", 8, i) for i in range(32)]
     bare_engine = engine_on_copy(backbone, settings, [])
     four_engine = engine_on_copy(backbone, settings, adapters[:4])

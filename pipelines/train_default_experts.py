@@ -61,6 +61,9 @@ def main(argv: list[str] | None = None) -> None:
             "n_val": result.n_val,
             "steps": result.steps,
             "seconds": round(result.seconds, 1),
+            # the recipe, so each shipped adapter names the command that reproduces it
+            "epochs": config.epochs,
+            "learning_rate": config.learning_rate,
         }
         metrics_path.write_text(json.dumps(metrics, indent=2, sort_keys=True) + "\n")
     logger.info("Default experts: %s", json.dumps(metrics))

@@ -31,6 +31,10 @@ class RouterTrainConfig:
     """Rows per step, drawn class-balanced (every label equally likely)."""
     learning_rate: float = 2e-3
     """AdamW learning rate."""
+    warm_epochs: int = 20
+    """Passes when warm-starting from the active router's gate. That gate already fits the replayed rows, so
+    a quarter of the cold passes is enough for the new rows; each pass over the seed features costs seconds
+    on a CPU, so this makes `retrain --from-logs` and registering an expert about 4x faster to fit."""
     warm_learning_rate: float = 5e-4
     """AdamW learning rate when warm-starting from the active router's gate (a new expert, a retrain from
     logs): smaller steps keep the existing experts' decisions, so their recall does not drift by chance."""
@@ -206,7 +210,7 @@ def train_router_on_features(
     if init is not None:
         init = init.grow(labels_order)
         init.config.dropout = train.dropout
-        train = replace(train, learning_rate=train.warm_learning_rate)
+        train = replace(train, learning_rate=train.warm_learning_rate, epochs=train.warm_epochs)
     gate = fit_gate(train_x, train_y, config if init is None else init.config, train, init=init, anchor=anchor)
     gate.config.temperature = fit_temperature(gate, val_x, val_y) if len(val_y) else 1.0
     router = Router(gate)

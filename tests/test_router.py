@@ -185,3 +185,38 @@ def test_skewed_traffic_does_not_collapse_the_router():
     predicted_share = torch.bincount(router.probabilities(val_x).argmax(-1), minlength=5).float() / len(val_y)
     assert min(recalls[k] for k in labels[1:]) >= 0.75, recalls
     assert predicted_share.max() < 0.35, predicted_share  # balanced validation traffic stays spread
+
+
+def test_warm_start_learns_a_new_label_in_the_shorter_schedule(monkeypatch):
+    """Registering an expert warm-starts from the active gate: `warm_epochs` passes at the warm learning rate
+    (not the cold schedule) must still learn the new label and keep the old ones."""
+    import router.training as training
+
+    torch.manual_seed(1)
+    centres = torch.randn(4, 16) * 1.5
+
+    def sample(counts):
+        xs = [centres[i] + torch.randn(n, 16) for i, n in enumerate(counts)]
+        return torch.cat(xs), torch.cat([torch.full((n,), i) for i, n in enumerate(counts)])
+
+    schedules = []
+    fit_gate = training.fit_gate
+
+    def recording_fit_gate(features, labels, config, train, init=None, anchor=None):
+        schedules.append((train.epochs, train.learning_rate))
+        return fit_gate(features, labels, config, train, init=init, anchor=anchor)
+
+    monkeypatch.setattr(training, "fit_gate", recording_fit_gate)
+    config = RouterTrainConfig(epochs=30)
+    old_x, old_y = sample([200, 200, 200, 0])
+    old_val_x, old_val_y = sample([50, 50, 50, 0])
+    old = training.train_router_on_features(["a", "b", BASE], old_x, old_y, old_val_x, old_val_y, [1], "", config)
+    new_x, new_y = sample([200, 200, 200, 200])
+    val_x, val_y = sample([50, 50, 50, 50])
+    anchor = new_y < 3  # rows of labels the active gate knows are replayed
+    labels = ["a", "b", BASE, "c"]
+    grown = training.train_router_on_features(labels, new_x, new_y, val_x, val_y, [1], "", config,
+                                              init=old.gate, anchor=anchor)
+    assert schedules == [(30, config.learning_rate), (config.warm_epochs, config.warm_learning_rate)]
+    recall = {k: v["recall"] for k, v in training.evaluate(grown, val_x, val_y)["per_label"].items()}
+    assert recall["c"] >= 0.9 and min(recall["a"], recall["b"]) >= 0.9, recall

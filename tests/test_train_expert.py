@@ -79,3 +79,29 @@ def test_response_only_head_matches_full_logits(backbone):
                                              batch.labels[:, 1:].reshape(-1), ignore_index=-100, reduction="sum")
     assert count == int((batch.labels[:, 1:] != -100).sum())
     torch.testing.assert_close(loss, full, rtol=1e-5, atol=1e-4)
+
+
+def test_reported_loss_is_the_saved_adapters_loss(settings, backbone, domain_data, tmp_path):
+    """The held-out loss after training is taken from the kept epoch's score rather than a second full pass;
+    scoring the saved adapter afresh must give the same figure (best epoch kept, or the last one)."""
+    from peft import PeftModel
+
+    from experts.data import load_examples, tokenize_example
+    from experts.seed import split_examples
+    from experts.training import mean_nll
+    from pipelines.tracking import mlflow_run
+    from pipelines.train_expert import train_adapter
+
+    train, val = split_examples(load_examples(domain_data["medical"]))
+    for keep_best in (True, False):
+        config = TrainConfig(epochs=3, batch_size=4, learning_rate=3e-3, keep_best_epoch=keep_best)
+        with mlflow_run(settings, run_name=f"reuse-{keep_best}"):
+            result = train_adapter(settings, backbone, "medical", train, val, tmp_path / str(keep_best), config)
+        val_tok = [tokenize_example(backbone.tokenizer, e, config.max_length) for e in val]
+        model = PeftModel.from_pretrained(backbone.model, str(tmp_path / str(keep_best)))
+        try:
+            fresh = mean_nll(model, [t for t in val_tok if t is not None], backbone.tokenizer.pad_token_id)
+        finally:
+            backbone.model = model.unload()
+        assert result.expert_loss == pytest.approx(fresh, rel=1e-5)
+        assert result.expert_loss < result.base_loss

@@ -105,3 +105,16 @@ def test_reported_loss_is_the_saved_adapters_loss(settings, backbone, domain_dat
             backbone.model = model.unload()
         assert result.expert_loss == pytest.approx(fresh, rel=1e-5)
         assert result.expert_loss < result.base_loss
+
+
+def test_default_recipes_are_the_shipped_adapters_recipes():
+    """`python -m pipelines.train_default_experts` must reproduce what ships: each domain's recipe is the one
+    recorded beside its adapter."""
+    from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_DOMAINS
+    from pipelines.train_default_experts import DEFAULT_RECIPES
+
+    shipped = json.loads((DEFAULT_ADAPTERS_DIR / "metrics.json").read_text())
+    assert set(DEFAULT_RECIPES) == set(DEFAULT_DOMAINS) == set(shipped)
+    for domain, (epochs, learning_rate) in DEFAULT_RECIPES.items():
+        assert (shipped[domain]["epochs"], shipped[domain]["learning_rate"]) == (epochs, learning_rate), domain
+        assert shipped[domain]["reduction"] >= 0.25, domain  # issue 2's target for every default expert

@@ -42,6 +42,16 @@ class TrainConfig:
 
 
 @dataclass
+class TrainResult:
+    """What `train_lora` leaves behind."""
+
+    losses: list[float]
+    """Mean training loss of every step."""
+    held_out: float | None
+    """`on_epoch`'s held-out loss of the weights the model holds now (the kept epoch's); None without on_epoch."""
+
+
+@dataclass
 class Batch:
     input_ids: torch.Tensor  # [B, L], right-padded
     attention_mask: torch.Tensor  # [B, L]
@@ -141,8 +151,9 @@ def train_lora(
     pad_id: int,
     on_step: Callable[[int, float, int], None] | None = None,
     on_epoch: Callable[[int], float] | None = None,
-) -> list[float]:
-    """Train the trainable (LoRA) parameters of `model`; returns the per-step mean loss.
+) -> TrainResult:
+    """Train the trainable (LoRA) parameters of `model`; returns the per-step mean loss and the held-out loss
+    of the final weights.
 
     `on_epoch(epoch)` returns a held-out loss; with `config.keep_best_epoch` the trainable weights of the
     epoch with the lowest one are restored at the end (small domain sets overfit after a few epochs)."""
@@ -169,7 +180,7 @@ def train_lora(
     model.train()
     losses: list[float] = []
     step = 0
-    best_loss, best_state = math.inf, None
+    best_loss, best_state, kept_loss = math.inf, None, None
     with tqdm(total=total_steps, desc="train", unit="step", dynamic_ncols=True) as bar:
         for epoch in range(config.epochs):
             for group in length_grouped_batches(train, config.batch_size, rng):
@@ -190,7 +201,7 @@ def train_lora(
                 if on_step is not None:
                     on_step(step, losses[-1], count)
             if on_epoch is not None:
-                held_out = on_epoch(epoch + 1)
+                held_out = kept_loss = on_epoch(epoch + 1)
                 if held_out < best_loss:
                     best_loss = held_out
                     if config.keep_best_epoch and epoch + 1 < config.epochs:
@@ -204,5 +215,6 @@ def train_lora(
         with torch.no_grad():
             for p in params:
                 p.copy_(best_state[id(p)])
+        kept_loss = best_loss
     model.eval()
-    return losses
+    return TrainResult(losses, kept_loss)

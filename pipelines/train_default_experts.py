@@ -62,7 +62,10 @@ def main(argv: list[str] | None = None) -> None:
     metrics = json.loads(metrics_path.read_text()) if metrics_path.is_file() else {}
     for domain in args.domains:
         epochs, learning_rate = DEFAULT_RECIPES[domain]
-        config = TrainConfig(epochs=args.epochs or epochs, learning_rate=args.learning_rate or learning_rate)
+        config = TrainConfig(
+            epochs=epochs if args.epochs is None else args.epochs,
+            learning_rate=learning_rate if args.learning_rate is None else args.learning_rate,
+        )
         train, val = seed_qa(domain)
         with mlflow_run(settings, run_name=f"default-expert:{domain}", tags={"kind": "train_expert"}):
             result = train_adapter(

@@ -108,23 +108,17 @@ def train_adapter(
             if on_progress is not None:
                 on_progress(min(step / total, 1.0), f"step {step}/{total} loss {loss:.3f}")
 
-        epoch_losses: list[float] = []
-
         def on_epoch(epoch: int) -> float:
             loss = mean_nll(peft_model, val_tok, pad_id)
-            epoch_losses.append(loss)
             mlflow.log_metric("eval_loss_epoch", loss, step=epoch)
             logger.info("%s: epoch %d held-out loss %.4f (base %.4f)", name, epoch, loss, base_loss)
             return loss
 
-        losses = train_lora(peft_model, train_tok, config, pad_id, on_step=on_step,
-                            on_epoch=on_epoch if config.epochs > 1 else None)
-        if epoch_losses:
-            # The weights now are the best epoch's (keep_best_epoch) or the last epoch's, and that epoch
-            # was already scored: scoring again would repeat a full held-out pass (minutes on a CPU).
-            expert_loss = min(epoch_losses) if config.keep_best_epoch else epoch_losses[-1]
-        else:
-            expert_loss = mean_nll(peft_model, val_tok, pad_id)
+        trained = train_lora(peft_model, train_tok, config, pad_id, on_step=on_step,
+                             on_epoch=on_epoch if config.epochs > 1 else None)
+        losses = trained.losses
+        # The kept epoch was already scored; a second held-out pass would take minutes on a CPU.
+        expert_loss = trained.held_out if trained.held_out is not None else mean_nll(peft_model, val_tok, pad_id)
         mlflow.log_metrics(
             {"eval_loss_expert": expert_loss, "eval_loss_reduction": 1 - expert_loss / base_loss}
         )

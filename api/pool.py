@@ -97,14 +97,10 @@ class ExpertPoolCore:
             async for event in self.engine.stream(request):
                 yield asdict(event)
             return
-        # A non-streamed answer crosses the Ray boundary once, not once per token: with 16 clients decoding
-        # together, per-token events between the pool and the ingress are what the service pays over the engine.
-        parts: list[str] = []
-        async for event in self.engine.stream(request):
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                event.text = "".join(parts)
-                yield asdict(event)
+        # A non-streamed answer crosses the Ray boundary once, not once per token, and wakes this replica's
+        # event loop once: with 16 clients decoding together, per-token events are what the service pays over
+        # the engine.
+        yield asdict(await self.engine.complete(request))
 
     def close(self) -> None:
         self.engine.stop()

@@ -124,18 +124,40 @@ def test_stream_cancel_and_errors(backbone, settings):
                 break
         return request.request_id, events
 
-    try:
-        _, events = asyncio.run(consume_then_leave())
-        assert len(events) == 2
+    def wait_until_idle():
         deadline = 50
         while engine.load()["running"] and deadline:
             asyncio.run(asyncio.sleep(0.02))
             deadline -= 1
         assert engine.load()["running"] == 0  # the cancelled row left the batch
+
+    try:
+        _, events = asyncio.run(consume_then_leave())
+        assert len(events) == 2
+        wait_until_idle()
         with pytest.raises(ExpertNotFoundError):
             engine.submit(GenerationRequest(prompt, [("nope", 1.0)]), lambda e: None)
     finally:
         engine.stop()
+
+    later = GenerationEngine(backbone, settings)  # not started yet: the request waits in the queue
+
+    async def wait_then_cancel():
+        """complete() (one loop wake-up per answer) cancels its request when the awaiting task is cancelled."""
+        task = asyncio.create_task(later.complete(GenerationRequest(prompt, (), SamplingParams(max_tokens=60,
+                                                                                              temperature=0))))
+        await asyncio.sleep(0.05)
+        task.cancel()
+        with pytest.raises(asyncio.CancelledError):
+            await task
+
+    asyncio.run(wait_then_cancel())
+    later.start()
+    try:  # FIFO: by the time this one is done the cancelled one was dropped, or it would have decoded beside it
+        after = later.generate_many([GenerationRequest(prompt, (), SamplingParams(max_tokens=4, temperature=0))])[0]
+        assert later.stats["tokens"] == after.completion_tokens > 0
+    finally:
+        later.stop()
     settings.max_queue = 1
     idle = GenerationEngine(backbone, settings)  # not started: the queue fills up
     idle.submit(GenerationRequest(prompt), lambda e: None)

@@ -99,6 +99,20 @@ class _Row:
         return len(self.request.prompt_ids) + len(self.generated) - 1
 
 
+def _joining_sink(on_finish: Callable[[TokenEvent], None]) -> Sink:
+    """A sink that joins a request's pieces on the engine thread and hands over only the finish event, its
+    text the whole completion: the consumer is woken once per request, not once per token."""
+    parts: list[str] = []
+
+    def sink(event: TokenEvent) -> None:
+        parts.append(event.text)
+        if event.finish_reason is not None:
+            event.text = "".join(parts)
+            on_finish(event)
+
+    return sink
+
+
 class GenerationEngine:
     """Continuous-batching generator over one backbone and many LoRA experts."""
 
@@ -235,19 +249,12 @@ class GenerationEngine:
         OpenMP regions. Cancelling the caller cancels the request."""
         loop = asyncio.get_running_loop()
         done: asyncio.Future[TokenEvent] = loop.create_future()
-        parts: list[str] = []
 
         def resolve(event: TokenEvent) -> None:
             if not done.done():
                 done.set_result(event)
 
-        def sink(event: TokenEvent) -> None:  # runs on the engine thread
-            parts.append(event.text)
-            if event.finish_reason is not None:
-                event.text = "".join(parts)
-                loop.call_soon_threadsafe(resolve, event)
-
-        self.submit(request, sink)
+        self.submit(request, _joining_sink(lambda event: loop.call_soon_threadsafe(resolve, event)))
         try:
             return await done
         except asyncio.CancelledError:
@@ -263,31 +270,21 @@ class GenerationEngine:
 
     def generate_many(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
         """Blocking helper for scripts and benchmarks: submit all, wait for all."""
-        results: dict[str, list[TokenEvent]] = {r.request_id: [] for r in requests}
+        finals: dict[str, TokenEvent] = {}
         done = threading.Semaphore(0)
 
-        def sink_for(request_id: str) -> Sink:
-            def sink(event: TokenEvent) -> None:
-                results[request_id].append(event)
-                if event.finish_reason is not None:
-                    done.release()
-
-            return sink
+        def finished(event: TokenEvent) -> None:
+            finals[event.request_id] = event
+            done.release()
 
         self.start()
         for request in requests:
-            self.submit(request, sink_for(request.request_id))
+            self.submit(request, _joining_sink(finished))
         for _ in requests:
             done.acquire()
-        out = []
-        for request in requests:
-            events = results[request.request_id]
-            last = events[-1]
-            out.append(
-                Completion(request.request_id, "".join(e.text for e in events), last.finish_reason or "error",
-                           last.prompt_tokens, last.completion_tokens)
-            )
-        return out
+        events = [finals[r.request_id] for r in requests]
+        return [Completion(e.request_id, e.text, e.finish_reason or "error", e.prompt_tokens, e.completion_tokens)
+                for e in events]
 
     # ---- the loop ----------------------------------------------------------------------
     def _loop(self) -> None:

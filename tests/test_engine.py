@@ -124,17 +124,14 @@ def test_stream_cancel_and_errors(backbone, settings):
                 break
         return request.request_id, events
 
-    def wait_until_idle():
+    try:
+        _, events = asyncio.run(consume_then_leave())
+        assert len(events) == 2
         deadline = 50
         while engine.load()["running"] and deadline:
             asyncio.run(asyncio.sleep(0.02))
             deadline -= 1
         assert engine.load()["running"] == 0  # the cancelled row left the batch
-
-    try:
-        _, events = asyncio.run(consume_then_leave())
-        assert len(events) == 2
-        wait_until_idle()
         with pytest.raises(ExpertNotFoundError):
             engine.submit(GenerationRequest(prompt, [("nope", 1.0)]), lambda e: None)
     finally:

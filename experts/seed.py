@@ -48,14 +48,27 @@ def split_texts(texts: list[str]) -> tuple[list[str], list[str]]:
     return [t for t in texts if not is_validation(t)], [t for t in texts if is_validation(t)]
 
 
+REAL_QA = "real_qa.jsonl"
+"""Real questions with answers by professionals or agents (corpora.build; sources in seed_data/SOURCES.md)."""
+REAL_PROMPTS = "real_prompts.jsonl"
+"""Real user requests of the domain, the questions of REAL_QA included."""
+
+
 def seed_qa(domain: str) -> tuple[list[ChatExample], list[ChatExample]]:
-    return split_examples(load_examples(SEED_DIR / domain / "qa.jsonl"))
+    """An expert's training pairs: the real ones where the domain has them, else the written ones. Written
+    answers share one house style, and an expert trained on them made real answers less likely than the bare
+    backbone (docs/benchmarks.md, answer quality on real text)."""
+    real = SEED_DIR / domain / REAL_QA
+    return split_examples(load_examples(real if real.is_file() else SEED_DIR / domain / "qa.jsonl"))
 
 
 def seed_prompts(domain: str) -> tuple[list[str], list[str]]:
-    """Routing prompts of a domain (or of 'general' for the base column): prompts.jsonl plus, for expert
-    domains, the QA prompts, deduplicated."""
-    texts = load_texts(SEED_DIR / domain / "prompts.jsonl")
+    """Routing prompts of a domain (or of 'general' for the base column): the real requests, the written
+    prompts.jsonl and, for expert domains, the written QA prompts, deduplicated."""
+    texts = []
+    for name in (REAL_PROMPTS, "prompts.jsonl"):
+        if (SEED_DIR / domain / name).is_file():
+            texts += load_texts(SEED_DIR / domain / name)
     qa = SEED_DIR / domain / "qa.jsonl"
     if qa.is_file():
         texts += [e.routing_text for e in load_examples(qa)]

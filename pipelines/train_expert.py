@@ -54,6 +54,17 @@ class ExpertTrainingResult:
     def reduction(self) -> float:
         return 1.0 - self.expert_loss / self.base_loss if self.base_loss else 0.0
 
+    @property
+    def warning(self) -> str | None:
+        """Set when the expert does not beat the bare backbone on its own held-out split: routing to it would
+        make answers worse than no expert at all."""
+        if self.expert_loss < self.base_loss:
+            return None
+        return (f"expert {self.name} is not better than the bare backbone on its held-out split (answer NLL "
+                f"{self.expert_loss:.3f} vs {self.base_loss:.3f}); check the data (real answers in the domain, "
+                "not one house style) or train with other --epochs, or retire it with `moe expert retire "
+                f"{self.name}`")
+
 
 def _tokenize_all(backbone: Backbone, examples: Sequence[ChatExample], max_length: int):
     tokenized = [tokenize_example(backbone.tokenizer, e, max_length) for e in examples]
@@ -166,6 +177,9 @@ def train_adapter(
         "%s: held-out loss %.3f -> %.3f (%.0f%% lower) in %d steps, %.0f s",
         name, base_loss, expert_loss, 100 * result.reduction, result.steps, result.seconds,
     )
+    if result.warning:
+        logger.warning(result.warning)
+        mlflow.set_tag("warning", "not better than the bare backbone")
     return result
 
 

@@ -29,7 +29,7 @@ from pipelines.tracking import mlflow_run
 from registry import repository as repo
 from router.augment import augment
 from router.feature_cache import FeatureCache
-from router.features import FeatureEncoder, layers_key
+from router.features import FeatureSpec, RouterFeatures
 from router.gate import BASE, Router
 from router.training import RouterTrainConfig, evaluate, train_router_on_features
 
@@ -39,8 +39,8 @@ MAX_RECALL_DROP = 0.02
 """An expert's held-out recall may drop by at most this much (issues 5 and 6)."""
 MIN_NEW_RECALL = 0.90
 
-Encode = Callable[[Sequence[str], Sequence[int]], torch.Tensor]
-"""(texts, layers) -> features [N, H * len(layers)]."""
+Encode = Callable[[Sequence[str], FeatureSpec], torch.Tensor]
+"""(texts, spec) -> features [N, F] in the layout `spec` names."""
 
 
 @dataclass
@@ -67,21 +67,21 @@ class RouterReport:
     path: str
 
 
-def make_encoder(model, tokenizer, cache_dir: Path | None = None, fingerprint: str = "") -> Encode:
-    """(texts, layers) -> features; with `cache_dir`, features are cached on disk per backbone and layer set."""
-    encoders: dict[tuple[int, ...], FeatureEncoder] = {}
-    caches: dict[tuple[int, ...], FeatureCache] = {}
+def make_encoder(model, tokenizer, cache_dir: Path | None = None, fingerprint: str = "",
+                 sentence_loader=None) -> Encode:
+    """(texts, spec) -> features; with `cache_dir`, features are cached on disk per backbone and layout."""
+    features = RouterFeatures(model, tokenizer, sentence_loader)
+    caches: dict[FeatureSpec, FeatureCache] = {}
 
-    def encode(texts: Sequence[str], layers: Sequence[int]) -> torch.Tensor:
-        key = tuple(sorted(layers))
-        if key not in encoders:
-            encoders[key] = FeatureEncoder(model, tokenizer, key)
-        run = encoders[key].encode
+    def encode(texts: Sequence[str], spec: FeatureSpec) -> torch.Tensor:
+        def run(todo: Sequence[str]) -> torch.Tensor:
+            return features.encode(list(todo), spec, progress=len(todo) > 256)
+
         if cache_dir is None:
-            return run(list(texts), progress=len(texts) > 256)
-        if key not in caches:
-            caches[key] = FeatureCache(cache_dir, fingerprint, layers_key(key))
-        return caches[key].lookup(list(texts), lambda todo: run(todo, progress=len(todo) > 256))
+            return run(texts)
+        if spec not in caches:
+            caches[spec] = FeatureCache(cache_dir, fingerprint, spec.key)
+        return caches[spec].lookup(list(texts), run)
 
     return encode
 
@@ -189,16 +189,16 @@ def train_router(
     if missing:
         raise InvalidInputError(f"No training prompts for {missing} (all fell in the validation split); add more.")
     augmented = augment(train.texts, seed=config.seed)
-    layers = sorted(settings.router_layers)
-    logger.info("Encoding %d training (+%d augmented) and %d validation prompts at layers %s",
-                len(train.texts), len(augmented), len(val.texts), layers)
-    train_x = encode(train.texts + augmented, layers)
+    spec = settings.router_features
+    logger.info("Encoding %d training (+%d augmented) and %d validation prompts (%s)",
+                len(train.texts), len(augmented), len(val.texts), spec.key)
+    train_x = encode(train.texts + augmented, spec)
     train_y = torch.tensor([labels.index(label) for label in train.labels * 2])
-    val_x = encode(val.texts, layers)
+    val_x = encode(val.texts, spec)
     val_y = torch.tensor([labels.index(label) for label in val.labels], dtype=torch.long)
 
     active_router = Router.load(active_info[1], active_info[0]) if active_info else None
-    same_features = active_router is not None and active_router.config.layers == layers
+    same_features = active_router is not None and active_router.config.spec == spec
     init = active_router.gate if same_features else None
     anchor = None
     if init is not None:
@@ -206,12 +206,12 @@ def train_router(
         replay = [not source.startswith("log:") and label in active_router.labels
                   for source, label in zip(train.sources, train.labels, strict=True)]
         anchor = torch.tensor(replay * 2)  # the augmented copies follow in the same order
-    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, layers, fingerprint, config, init=init,
+    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, spec, fingerprint, config, init=init,
                                       anchor=anchor)
     metrics = evaluate(router, val_x, val_y)
     active_metrics = None
     if active_router is not None:
-        active_x = val_x if same_features else encode(val.texts, active_router.config.layers)
+        active_x = val_x if same_features else encode(val.texts, active_router.config.spec)
         known = [i for i, label in enumerate(val.labels) if label in active_router.labels]
         active_y = torch.tensor([active_router.labels.index(val.labels[i]) for i in known], dtype=torch.long)
         active_metrics = evaluate(active_router, active_x[known], active_y)
@@ -228,7 +228,7 @@ def train_router(
         version = repo.next_router_version(session)
     path = router.save(settings.routers_dir / f"v{version}")
     with mlflow_run(settings, run_name=f"router:v{version}", tags={"kind": "train_router", **(run_tags or {})}) as run:
-        mlflow.log_params({"layers": layers_key(layers), "labels": ",".join(labels), "top_k": router.config.top_k,
+        mlflow.log_params({"features": spec.key, "labels": ",".join(labels), "top_k": router.config.top_k,
                            "temperature": router.config.temperature,
                            "abstain_threshold": router.config.abstain_threshold,
                            **{f"train_{k}": v for k, v in vars(config).items()}})

@@ -1,11 +1,13 @@
-"""Routing features from the shared backbone: mean-pooled hidden states of a few early-to-middle layers over
-the prompt tokens, adapters off. A forward hook stops the pass at the deepest of them, so routing costs only
-the layers below it; a router that owns its backbone copy drops the rest with `truncate`."""
+"""Routing features: mean-pooled hidden states of a few backbone layers over the prompt tokens (adapters off;
+a forward hook stops the pass at the deepest of them, so routing costs only the layers below it, and a router
+that owns its backbone copy drops the rest with `truncate`), and/or the embedding of a small sentence encoder
+(router.sentence). `FeatureSpec` names the layout; `RouterFeatures` computes it."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 
 import torch
 from torch import nn
@@ -27,6 +29,71 @@ def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
 def layers_key(layers: Sequence[int]) -> str:
     """A stable name for a layer set: (6, 10, 16) -> 'L6-10-16' (cache files, logs)."""
     return "L" + "-".join(str(layer) for layer in sorted(set(layers)))
+
+
+@dataclass(frozen=True)
+class FeatureSpec:
+    """What a router reads: backbone layers (1-based; empty = none) and a sentence encoder ('' = none).
+    The feature vector is the pooled layers in ascending order, then the sentence embedding."""
+
+    layers: tuple[int, ...] = ()
+    sentence_encoder: str = ""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "layers", tuple(sorted(set(self.layers))))
+        if not self.layers and not self.sentence_encoder:
+            raise ValueError("a router needs backbone layers or a sentence encoder "
+                             "(MOE_ROUTER_LAYERS / MOE_ROUTER_SENTENCE_ENCODER)")
+
+    @property
+    def key(self) -> str:
+        """A stable name for cache files and logs: 'L6-10-16', 'S-all-MiniLM-L6-v2', 'L16+S-all-MiniLM-L6-v2'."""
+        parts = [layers_key(self.layers)] if self.layers else []
+        if self.sentence_encoder:
+            parts.append("S-" + "".join(c if c.isalnum() or c in "-_." else "_" for c in self.sentence_encoder))
+        return "+".join(parts)
+
+
+class RouterFeatures:
+    """Computes any FeatureSpec's features from one backbone and lazily loaded sentence encoders. Not
+    thread-safe: the backbone hooks hold per-pass state, so callers serialise `encode`."""
+
+    def __init__(
+        self, model: PreTrainedModel | None, tokenizer: PreTrainedTokenizerBase | None,
+        sentence_loader: Callable[[str], object] | None = None,
+    ) -> None:
+        self.model = model
+        self.tokenizer = tokenizer
+        self._sentence_loader = sentence_loader
+        self._backbone: dict[tuple[int, ...], FeatureEncoder] = {}
+        self._sentence: dict[str, object] = {}
+
+    def backbone_encoder(self, layers: tuple[int, ...]) -> FeatureEncoder:
+        if layers not in self._backbone:
+            if self.model is None or self.tokenizer is None:
+                raise ValueError(f"router features need backbone layers {list(layers)} but no backbone was given")
+            self._backbone[layers] = FeatureEncoder(self.model, self.tokenizer, layers)
+        return self._backbone[layers]
+
+    def sentence_encoder(self, name: str):
+        if name not in self._sentence:
+            if self._sentence_loader is None:
+                from router.sentence import SentenceEncoder
+
+                self._sentence[name] = SentenceEncoder(name)
+            else:
+                self._sentence[name] = self._sentence_loader(name)
+        return self._sentence[name]
+
+    def encode(self, texts: Sequence[str], spec: FeatureSpec, progress: bool = False,
+               batch_size: int = 32) -> torch.Tensor:
+        """texts -> [N, sum of part sizes] float32."""
+        parts = []
+        if spec.layers:
+            parts.append(self.backbone_encoder(spec.layers).encode(texts, batch_size, progress=progress))
+        if spec.sentence_encoder:
+            parts.append(self.sentence_encoder(spec.sentence_encoder).encode(texts, batch_size, progress=progress))
+        return torch.cat(parts, dim=-1) if len(parts) > 1 else parts[0]
 
 
 class FeatureEncoder:

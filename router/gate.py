@@ -12,6 +12,8 @@ import torch
 from safetensors.torch import load_file, save_file
 from torch import nn
 
+from router.features import FeatureSpec
+
 BASE = "base"
 
 
@@ -22,10 +24,10 @@ class GateConfig:
     labels: list[str]
     """Gate columns in order: expert names, then 'base'."""
     input_size: int
-    """Feature size (the backbone's hidden size times the number of layers)."""
+    """Feature size (the backbone's hidden size times the number of layers, plus the sentence embedding's)."""
     layers: list[int]
     """Backbone layers (1-based, ascending) whose pooled outputs are concatenated into the features; must
-    match at serving time."""
+    match at serving time. Empty: no backbone features."""
     hidden_size: int = 256
     """Width of the gate's hidden layer."""
     dropout: float = 0.1
@@ -38,8 +40,15 @@ class GateConfig:
     """Below this top-1 probability the request goes to the bare backbone."""
     backbone_fingerprint: str = ""
     """Backbone the features were computed with."""
+    sentence_encoder: str = ""
+    """Sentence encoder whose embedding follows the backbone features ('' = none), e.g. 'all-MiniLM-L6-v2'."""
     metrics: dict = field(default_factory=dict)
     """Validation metrics at training time."""
+
+
+    @property
+    def spec(self) -> FeatureSpec:
+        return FeatureSpec(tuple(self.layers), self.sentence_encoder)
 
 
 class Gate(nn.Module):

@@ -15,7 +15,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core.errors import DatabaseUnavailableError, RouterNotTrainedError
 from core.settings import Settings
 from registry import repository as repo
-from router.features import FeatureEncoder
+from router.features import FeatureSpec, RouterFeatures
 from router.gate import Router, RoutingDecision
 
 logger = logging.getLogger(__name__)
@@ -33,23 +33,26 @@ class RoutingService:
         self.own_backbone = own_backbone
         self.router: Router | None = None
         self.allowed: set[str] = set()
-        self._encoders: dict[tuple[int, ...], FeatureEncoder] = {}
+        self._features = RouterFeatures(model, tokenizer)
+        self._truncated_to: int | None = None
         self._lock = threading.Lock()
         self._encode_lock = threading.Lock()  # one encoder pass at a time: the early-exit hook holds state
         self.checked_at = 0.0
 
-    def _encoder(self, layers: Sequence[int]) -> FeatureEncoder:
-        key = tuple(sorted(layers))
-        if key not in self._encoders:
-            if self.own_backbone and self._encoders and max(key) > self.model.config.num_hidden_layers:
+    def _prepare(self, spec: FeatureSpec) -> None:
+        """Load what `spec` needs; a backbone copy that serves routing only keeps just the layers it needs."""
+        if spec.layers:
+            deepest = spec.layers[-1]
+            if self._truncated_to is not None and deepest > self._truncated_to:
                 raise RouterNotTrainedError(
-                    f"Router needs layer {max(key)} but this router copy was truncated; restart the ingress."
+                    f"Router needs layer {deepest} but this router copy was truncated; restart the ingress."
                 )
-            encoder = FeatureEncoder(self.model, self.tokenizer, key)
-            if self.own_backbone and not self._encoders:
-                encoder.truncate()  # this backbone copy serves routing only: keep the layers it needs
-            self._encoders[key] = encoder
-        return self._encoders[key]
+            encoder = self._features.backbone_encoder(spec.layers)
+            if self.own_backbone and self._truncated_to is None:
+                encoder.truncate()
+                self._truncated_to = deepest
+        if spec.sentence_encoder:
+            self._features.sentence_encoder(spec.sentence_encoder)
 
     def refresh(self) -> bool:
         """Load the active router and the set of routable experts; True when the version changed."""
@@ -65,7 +68,7 @@ class RoutingService:
                 return False
             if self.router is None or self.router.version != active.version:
                 self.router = Router.load(Path(active.path), active.version)
-                self._encoder(self.router.config.layers)
+                self._prepare(self.router.config.spec)
                 logger.info("Router v%d active (%s)", active.version, ", ".join(self.router.labels))
                 changed = True
         return changed
@@ -96,7 +99,7 @@ class RoutingService:
         if router is None:
             raise RouterNotTrainedError("No router is active yet; run `moe router train`.")
         with self._encode_lock:
-            features = self._encoder(router.config.layers).encode(texts, batch_size=batch_size, progress=progress)
+            features = self._features.encode(texts, router.config.spec, progress=progress, batch_size=batch_size)
         return router.decide(
             features, top_k=top_k or self.settings.router_top_k,
             abstain_threshold=self.settings.router_abstain_threshold, allowed=allowed,

@@ -8,13 +8,13 @@ import copy
 import itertools
 import logging
 import math
-from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from typing import Literal
 
 import numpy as np
 import torch
 
+from router.features import FeatureSpec
 from router.gate import Gate, GateConfig, Router
 from router.losses import LOAD_BALANCE_COEF, Z_LOSS_COEF, distillation_loss, router_loss
 
@@ -196,7 +196,7 @@ def train_router_on_features(
     train_y: torch.Tensor,
     val_x: torch.Tensor,
     val_y: torch.Tensor,
-    layers: Sequence[int],
+    spec: FeatureSpec,
     fingerprint: str,
     train: RouterTrainConfig,
     init: Gate | None = None,
@@ -204,8 +204,9 @@ def train_router_on_features(
 ) -> Router:
     """anchor [N] bool: training rows the warm-start gate already covered (replay), distilled from it."""
     config = GateConfig(
-        labels=labels_order, input_size=train_x.shape[1], layers=sorted(layers), hidden_size=train.hidden_size,
+        labels=labels_order, input_size=train_x.shape[1], layers=list(spec.layers), hidden_size=train.hidden_size,
         dropout=train.dropout, top_k=train.top_k, backbone_fingerprint=fingerprint,
+        sentence_encoder=spec.sentence_encoder,
     )
     if init is not None:
         init = init.grow(labels_order)

@@ -96,6 +96,7 @@ def tiny_settings(home: Path, backbone_dir: Path) -> Settings:
         home=home,
         backbone=str(backbone_dir),
         router_layers=[1, 2],
+        router_sentence_encoder="",
         lora_rank=4,
         lora_alpha=8,
         max_prompt_tokens=256,

@@ -7,7 +7,7 @@ import torch
 from pipelines.train_router import make_encoder, train_router
 from registry import repository as repo
 from registry.db import session_factory
-from router.features import FeatureEncoder
+from router.features import FeatureEncoder, FeatureSpec
 from router.gate import BASE, Gate, GateConfig, Router, top_k_renormalised
 from router.losses import load_balancing_loss, router_loss, z_loss
 from router.training import RouterTrainConfig, pick_abstain_threshold
@@ -179,7 +179,8 @@ def test_skewed_traffic_does_not_collapse_the_router():
     val_x, val_y = sample([100, 100, 100, 100, 100])
     from router.training import evaluate, train_router_on_features
 
-    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, [1], "", RouterTrainConfig(epochs=30))
+    router = train_router_on_features(labels, train_x, train_y, val_x, val_y, FeatureSpec((1,)), "",
+                                      RouterTrainConfig(epochs=30))
     metrics = evaluate(router, val_x, val_y)
     recalls = {k: v["recall"] for k, v in metrics["per_label"].items()}
     predicted_share = torch.bincount(router.probabilities(val_x).argmax(-1), minlength=5).float() / len(val_y)
@@ -210,12 +211,13 @@ def test_warm_start_learns_a_new_label_in_the_shorter_schedule(monkeypatch):
     config = RouterTrainConfig(epochs=30)
     old_x, old_y = sample([200, 200, 200, 0])
     old_val_x, old_val_y = sample([50, 50, 50, 0])
-    old = training.train_router_on_features(["a", "b", BASE], old_x, old_y, old_val_x, old_val_y, [1], "", config)
+    old = training.train_router_on_features(["a", "b", BASE], old_x, old_y, old_val_x, old_val_y, FeatureSpec((1,)), "",
+                                              config)
     new_x, new_y = sample([200, 200, 200, 200])
     val_x, val_y = sample([50, 50, 50, 50])
     anchor = new_y < 3  # rows of labels the active gate knows are replayed
     labels = ["a", "b", BASE, "c"]
-    grown = training.train_router_on_features(labels, new_x, new_y, val_x, val_y, [1], "", config,
+    grown = training.train_router_on_features(labels, new_x, new_y, val_x, val_y, FeatureSpec((1,)), "", config,
                                               init=old.gate, anchor=anchor)
     assert schedules == [(30, config.learning_rate), (config.warm_epochs, config.warm_learning_rate)]
     recall = {k: v["recall"] for k, v in training.evaluate(grown, val_x, val_y)["per_label"].items()}

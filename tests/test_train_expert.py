@@ -118,3 +118,28 @@ def test_default_recipes_are_the_shipped_adapters_recipes():
     for domain, (epochs, learning_rate) in DEFAULT_RECIPES.items():
         assert (shipped[domain]["epochs"], shipped[domain]["learning_rate"]) == (epochs, learning_rate), domain
         assert shipped[domain]["reduction"] >= 0.25, domain  # issue 2's target for every default expert
+
+
+def test_expert_add_warns_when_the_expert_is_worse_than_the_backbone(settings, monkeypatch, capsys, tmp_path):
+    """`moe expert add` says so, on stderr, when the new expert makes held-out answers less likely than the bare
+    backbone; a better expert gets no warning."""
+    from api import cli
+    from pipelines import train_expert
+    from pipelines.train_expert import ExpertTrainingResult
+
+    outcome = {}
+
+    def fake_train(*args, **kwargs):  # the boundary: training itself is tested above
+        return ExpertTrainingResult("hr", 1, str(tmp_path), base_loss=2.0, expert_loss=outcome["loss"], steps=3,
+                                    seconds=1.0, run_id="r", n_train=10, n_val=2)
+
+    monkeypatch.setattr(train_expert, "train_expert_from_file", fake_train)
+    monkeypatch.setattr(cli.Context, "backbone", None)
+    monkeypatch.setenv("MOE_HOME", str(settings.home))
+    data = tmp_path / "hr.jsonl"
+    data.write_text('{"prompt": "how many leave days do I have", "response": "Check the HR portal."}\n')
+    for loss, warned in ((2.2, True), (1.5, False)):
+        outcome["loss"] = loss
+        assert cli.main(["expert", "add", "hr", "--data", str(data), "--no-router"]) == 0
+        err = capsys.readouterr().err
+        assert ("warning: expert hr is not better than the bare backbone" in err) is warned

@@ -103,6 +103,19 @@ def load_labelled(session: Session, labels: Sequence[str]) -> tuple[LabelledSet,
     return train, val
 
 
+def recall_outside(metrics: dict, label: str, others: Sequence[str]) -> tuple[float, int]:
+    """Recall of `label` over its validation rows that the router did not send to one of `others`, and how
+    many it did send there. A new bordering expert (tax beside finance, hr beside legal) takes over part of an
+    old domain by design; what must not happen is the rest of that domain drifting elsewhere."""
+    if not others or "confusion" not in metrics:  # nothing new, or a summary without the matrix
+        return metrics["per_label"][label]["recall"], 0
+    names = list(metrics["per_label"])
+    row = metrics["confusion"][names.index(label)]
+    moved = sum(row[names.index(o)] for o in others if o in names)
+    kept = sum(row) - moved
+    return (row[names.index(label)] / kept if kept else 1.0), moved
+
+
 def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> tuple[bool, list[str]]:
     if active is None:
         return True, ["no active router"]
@@ -126,9 +139,12 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
             if abs(stats["recall"] - before["recall"]) > 1e-9:
                 reasons.append(f"base recall {before['recall']:.3f} -> {stats['recall']:.3f} (not an expert)")
             continue
-        if before and stats["recall"] < before["recall"] - MAX_RECALL_DROP:
+        recall, moved = recall_outside(candidate, label, new_labels)
+        if moved:
+            reasons.append(f"{label}: {moved} of {stats['support']} validation prompts now go to {', '.join(new_labels)}")
+        if before and recall < before["recall"] - MAX_RECALL_DROP:
             ok = False
-            reasons.append(f"{label} recall {stats['recall']:.3f} dropped from {before['recall']:.3f}")
+            reasons.append(f"{label} recall {recall:.3f} dropped from {before['recall']:.3f}")
     if ok:
         reasons.append(f"accuracy {candidate['accuracy']:.3f} >= active {active['accuracy']:.3f}, no recall drop")
     return ok, reasons

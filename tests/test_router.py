@@ -164,6 +164,28 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     assert compare(metrics(0.5, a=0.1), None, []) == (True, ["no active router"])
 
 
+def test_a_bordering_expert_may_take_part_of_an_old_domain():
+    """A new expert beside an old one (tax beside finance) takes that domain's prompts about it by design; the
+    old expert's recall is judged on the rest, which must not drift to other columns."""
+    from pipelines.train_router import compare
+
+    def metrics(rows: dict[str, list[int]]):  # truth -> counts routed to [a, b, c, base]
+        names = list(rows)
+        return {"accuracy": 0.9, "confusion": list(rows.values()),
+                "per_label": {n: {"recall": rows[n][i] / sum(rows[n]), "support": sum(rows[n])}
+                              for i, n in enumerate(names)}}
+
+    active = {"accuracy": 0.85, "per_label": {"a": {"recall": 0.95, "support": 10},
+                                              "b": {"recall": 0.9, "support": 10},
+                                              "base": {"recall": 0.9, "support": 10}}}
+    split = metrics({"a": [6, 0, 4, 0], "b": [0, 9, 0, 1], "c": [0, 0, 10, 0], "base": [0, 1, 0, 9]})
+    ok, reasons = compare(split, active, ["c"])
+    assert ok and "a: 4 of 10 validation prompts now go to c" in reasons
+    drift = metrics({"a": [5, 1, 4, 0], "b": [0, 9, 0, 1], "c": [0, 0, 10, 0], "base": [0, 1, 0, 9]})
+    ok, reasons = compare(drift, active, ["c"])
+    assert not ok and "a recall 0.833 dropped from 0.950" in reasons
+
+
 def test_skewed_traffic_does_not_collapse_the_router():
     """Issue 6: retraining on traffic that is 60:1 one expert must keep the minority experts' recall (class-
     balanced batches plus the load-balancing loss), on overlapping clusters where a plain fit would drift."""

@@ -194,7 +194,7 @@ def test_removing_an_adapter_waits_for_requests_in_flight(backbone, settings, ad
 def test_engine_thread_is_the_only_openmp_pool(backbone, settings, monkeypatch):
     """The caller's OpenMP workers are released when the engine starts, and the engine's own when its batch
     drains, so an idle engine never oversubscribes the cores for another thread (core.device)."""
-    import experts.engine as engine_module
+    import experts.engine.core as engine_module
 
     calls: list[str] = []
     monkeypatch.setattr(engine_module, "release_openmp_pool",

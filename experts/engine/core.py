@@ -1,0 +1,333 @@
+"""The generation engine: continuous (step-level) batching over the batched multi-LoRA layer.
+
+One background thread owns the model. Each loop iteration it (1) applies adapter commands, (2) admits
+waiting requests up to `max_batch_size` (scheduler.py) and prefills them together, merging their KV cache
+into the running batch (batch.py), and (3) decodes one token for every running row, whatever expert mixture
+each row uses, samples (sampler.py) and turns tokens into text deltas (output.py). Rows leave the batch as
+soon as they finish or their client goes away.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import queue
+import threading
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
+
+import torch
+
+from core.device import release_openmp_pool
+from core.errors import ExpertNotFoundError, InvalidInputError
+from core.settings import Settings
+from experts.adapters import LoraWeights
+from experts.backbone import Backbone
+from experts.engine.batch import Row, RunningBatch, left_padded
+from experts.engine.output import OutputProcessor
+from experts.engine.request import Completion, GenerationRequest, Sink, TokenEvent, joining_sink
+from experts.engine.sampler import sample
+from experts.engine.scheduler import Scheduler
+from experts.kv_cache import GrowingCache
+from experts.multi_lora import Mixture, MultiLoraModel
+
+logger = logging.getLogger(__name__)
+
+
+class GenerationEngine:
+    """Continuous-batching generator over one backbone and many LoRA experts."""
+
+    def __init__(self, backbone: Backbone, settings: Settings, multi: MultiLoraModel | None = None) -> None:
+        self.backbone = backbone
+        self.settings = settings
+        self.model = backbone.model
+        self.tokenizer = backbone.tokenizer
+        self.multi = multi or MultiLoraModel(self.model)
+        self.device = backbone.device
+        eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
+        eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
+        eos_ids.add(self.tokenizer.eos_token_id)
+        self.eos_ids = {e for e in eos_ids if e is not None}
+        self.max_positions = int(getattr(self.model.config, "max_position_embeddings", 8192))
+        self.scheduler = Scheduler(settings)
+        self.batch = RunningBatch()
+        self.output = OutputProcessor(self.tokenizer, self.max_positions)
+        self._commands: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
+        self._by_id: dict[str, Row] = {}
+        self._pending_removals: set[str] = set()
+        self._thread: threading.Thread | None = None
+        self._stopping = threading.Event()
+        self.stats: dict[str, float] = {"steps": 0, "tokens": 0, "prefills": 0, "rows_max": 0,
+                                        "decode_s": 0.0, "decode_tokens": 0, "prefill_s": 0.0}
+        """Counters since start; decode_s / decode_tokens give decode throughput without prefill."""
+
+    # ---- lifecycle ---------------------------------------------------------------------
+    def start(self) -> GenerationEngine:
+        if self._thread is None:
+            # From here on the engine thread does the torch work; the caller's OpenMP workers (left from
+            # loading the model) would otherwise oversubscribe the cores and slow every step (core.device).
+            release_openmp_pool()
+            self._thread = threading.Thread(target=self._loop, name="moe-engine", daemon=True)
+            self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout=30)
+            self._thread = None
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def load(self) -> dict[str, int]:
+        return {"running": len(self.batch), "waiting": len(self.scheduler)}
+
+    # ---- adapters (applied between steps) ----------------------------------------------
+    def _run_command(self, fn: Callable[[], None]) -> None:
+        if not self.running:
+            fn()
+            self._apply_removals()
+            return
+        done = threading.Event()
+        self._commands.put((fn, done))
+        done.wait()
+
+    def add_adapter(self, weights: LoraWeights) -> None:
+        self._run_command(lambda: self.multi.add_adapter(weights))
+
+    def remove_adapter(self, name: str) -> None:
+        """Drop an adapter once no running row uses it: requests in flight always complete."""
+        self._run_command(lambda: self._pending_removals.add(name))
+
+    def _apply_removals(self) -> None:
+        in_use = {n for row in self.batch.rows for n, _ in row.request.mixture}
+        for name in [n for n in self._pending_removals if n not in in_use]:
+            self._pending_removals.discard(name)
+            if name in self.multi.adapter_names:
+                self.multi.remove_adapter(name)
+
+    @property
+    def adapter_names(self) -> list[str]:
+        return self.multi.adapter_names
+
+    def _servable(self) -> set[str]:
+        """Adapters a new request may use: loaded and not waiting for removal."""
+        return set(self.multi.adapter_names) - self._pending_removals
+
+    # ---- submitting (any thread) -------------------------------------------------------
+    def validate(self, request: GenerationRequest) -> None:
+        known = self._servable()
+        for name, _weight in request.mixture:
+            if name not in known:
+                raise ExpertNotFoundError(f"Expert {name!r} is not loaded in this pool.")
+        if not request.prompt_ids:
+            raise InvalidInputError("The prompt is empty.")
+        if len(request.prompt_ids) + request.params.max_tokens > self.max_positions:
+            raise InvalidInputError(
+                f"Prompt ({len(request.prompt_ids)} tokens) plus max_tokens exceeds the model context "
+                f"({self.max_positions})."
+            )
+
+    def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        self.validate(request)
+        self.scheduler.check_room()
+        generator = None
+        if request.params.seed is not None:
+            generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
+        row = Row(request=request, sink=sink, generator=generator)
+        self._by_id[request.request_id] = row
+        self.scheduler.add(row)
+
+    def cancel(self, request_id: str) -> None:
+        row = self._by_id.get(request_id)
+        if row is not None:
+            row.cancelled = True
+
+    async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
+        """Yield events as tokens are produced; leaving early cancels the request."""
+        loop = asyncio.get_running_loop()
+        events: asyncio.Queue[TokenEvent] = asyncio.Queue()
+        self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
+        finished = False
+        try:
+            while True:
+                event = await events.get()
+                if event.finish_reason is not None:
+                    finished = True
+                yield event
+                if finished:
+                    return
+        finally:
+            if not finished:
+                self.cancel(request.request_id)
+
+    async def complete(self, request: GenerationRequest) -> TokenEvent:
+        """Wait for the whole answer: the finish event, its text the whole completion. The pieces are joined on
+        the engine thread and the caller's event loop wakes once per request, not once per token: with 16
+        rows decoding, per-token wake-ups put the loop thread on the cores between the decode step's
+        OpenMP regions. Cancelling the caller cancels the request."""
+        loop = asyncio.get_running_loop()
+        done: asyncio.Future[TokenEvent] = loop.create_future()
+
+        def resolve(event: TokenEvent) -> None:
+            if not done.done():
+                done.set_result(event)
+
+        self.submit(request, joining_sink(lambda event: loop.call_soon_threadsafe(resolve, event)))
+        try:
+            return await done
+        except asyncio.CancelledError:
+            self.cancel(request.request_id)
+            raise
+
+    async def generate(self, request: GenerationRequest) -> Completion:
+        event = await self.complete(request)
+        if event.finish_reason == "error":
+            raise RuntimeError(event.error or "generation failed")
+        return Completion(request.request_id, event.text, event.finish_reason, event.prompt_tokens,
+                          event.completion_tokens)
+
+    def generate_many(self, requests: Sequence[GenerationRequest]) -> list[Completion]:
+        """Blocking helper for scripts and benchmarks: submit all, wait for all."""
+        finals: dict[str, TokenEvent] = {}
+        done = threading.Semaphore(0)
+
+        def finished(event: TokenEvent) -> None:
+            finals[event.request_id] = event
+            done.release()
+
+        self.start()
+        for request in requests:
+            self.submit(request, joining_sink(finished))
+        for _ in requests:
+            done.acquire()
+        events = [finals[r.request_id] for r in requests]
+        return [Completion(e.request_id, e.text, e.finish_reason or "error", e.prompt_tokens, e.completion_tokens)
+                for e in events]
+
+    # ---- the loop (engine thread) ------------------------------------------------------
+    def _loop(self) -> None:
+        torch.set_grad_enabled(False)
+        busy = False
+        while not self._stopping.is_set():
+            if busy and not self.batch.rows:
+                release_openmp_pool()  # idle: give the cores' OpenMP threads back (recreated on the next batch)
+            busy = bool(self.batch.rows)
+            try:
+                self._step()
+            except Exception as exc:  # a failed step fails its rows, never the engine
+                logger.exception("Engine step failed")
+                for row in self.batch.rows:
+                    self._finish(row, "error", error=f"{exc.__class__.__name__}: {exc}")
+                self.batch.clear()
+
+    def _step(self) -> None:
+        self._apply_commands()
+        self._apply_removals()
+        self._drop_cancelled()
+        admitted = self._admit()
+        if admitted:
+            started = time.perf_counter()
+            self._prefill(admitted)
+            self.stats["prefill_s"] += time.perf_counter() - started
+        if self.batch.rows:
+            started = time.perf_counter()
+            rows = len(self.batch)
+            self._decode()
+            self.stats["decode_s"] += time.perf_counter() - started
+            self.stats["decode_tokens"] += rows
+
+    def _apply_commands(self) -> None:
+        while True:
+            try:
+                fn, done = self._commands.get_nowait()
+            except queue.Empty:
+                return
+            try:
+                fn()
+            finally:
+                done.set()
+
+    def _admit(self) -> list[Row]:
+        """Admitted rows that can still run: cancelled ones, or ones whose expert went away, finish here."""
+        admitted = self.scheduler.admit(len(self.batch))
+        live = []
+        loaded = self._servable()
+        for row in admitted:
+            missing = [n for n, _ in row.request.mixture if n not in loaded]
+            if row.cancelled:
+                self._finish(row, "cancelled")
+            elif missing:
+                self._finish(row, "error", error=f"expert {missing[0]!r} was removed before this request started")
+            else:
+                live.append(row)
+        return live
+
+    def _forward(self, ids: torch.Tensor, mask: torch.Tensor, positions: torch.Tensor, cache: GrowingCache,
+                 mixtures: list[Mixture]) -> torch.Tensor:
+        """ids/positions [B, T], mask [B, L] -> logits of the last position [B, V]; writes T columns of cache."""
+        with self.multi.routing(mixtures):
+            out = self.model(
+                input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+                logits_to_keep=1,
+            )
+        return out.logits[:, -1, :]
+
+    def _prefill(self, rows: list[Row]) -> None:
+        ids, mask, positions = left_padded([r.request.prompt_ids for r in rows], self.tokenizer.pad_token_id)
+        cache = GrowingCache()
+        logits = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
+                               [r.request.mixture for r in rows])
+        self.batch.merge(rows, cache, mask.to(self.device))
+        self.stats["prefills"] += 1
+        self._emit(rows, logits)
+
+    def _decode(self) -> None:
+        rows = self.batch.rows
+        ids = torch.tensor([[r.generated[-1]] for r in rows], device=self.device)  # [B, 1]
+        positions = torch.tensor([[r.position] for r in rows], device=self.device)  # [B, 1]
+        mask = self.batch.grow_mask()
+        logits = self._forward(ids, mask, positions, self.batch.cache, [r.request.mixture for r in rows])
+        self.stats["steps"] += 1
+        self.stats["rows_max"] = max(self.stats["rows_max"], len(rows))
+        self._emit(rows, logits)
+
+    def _emit(self, rows: list[Row], logits: torch.Tensor) -> None:
+        """Sample one token per row (logits [B, V]), send the new text, and retire finished rows."""
+        finished: list[int] = []
+        for index, (row, token) in enumerate(zip(rows, sample(logits, rows), strict=True)):
+            if row.cancelled:
+                self._finish(row, "cancelled")
+                finished.append(index)
+                continue
+            eos = token in self.eos_ids
+            if not eos:
+                row.generated.append(token)
+                self.stats["tokens"] += 1
+            delta, reason = self.output.process(row, eos)
+            if reason:
+                self._finish(row, reason, delta)
+                finished.append(index)
+            elif delta:
+                row.sink(self._event(row, delta, None))
+        if finished:
+            self.batch.remove(finished)
+
+    def _event(self, row: Row, text: str, reason: str | None, error: str | None = None) -> TokenEvent:
+        return TokenEvent(row.request.request_id, text, reason, len(row.request.prompt_ids), len(row.generated), error)
+
+    def _finish(self, row: Row, reason: str, text: str = "", error: str | None = None) -> None:
+        self._by_id.pop(row.request.request_id, None)
+        try:
+            row.sink(self._event(row, text, reason, error))
+        except Exception:  # a consumer that went away must not stop the engine
+            logger.debug("sink of %s failed", row.request.request_id, exc_info=True)
+
+    def _drop_cancelled(self) -> None:
+        gone = [i for i, r in enumerate(self.batch.rows) if r.cancelled]
+        for i in gone:
+            self._finish(self.batch.rows[i], "cancelled")
+        if gone:
+            self.batch.remove(gone)

@@ -1,0 +1,55 @@
+"""Admission: the queue of submitted rows and how many join the running batch each step."""
+
+from __future__ import annotations
+
+import queue
+import time
+
+from core.errors import OverloadedError
+from core.settings import Settings
+from experts.engine.batch import Row
+
+
+class Scheduler:
+    """A FIFO of waiting rows, bounded by MOE_MAX_QUEUE; an idle engine waits MOE_BATCH_WAIT_MS for
+    concurrent requests so they prefill together."""
+
+    def __init__(self, settings: Settings) -> None:
+        self.settings = settings
+        self.waiting: queue.Queue[Row] = queue.Queue()
+
+    def __len__(self) -> int:
+        return self.waiting.qsize()
+
+    def check_room(self) -> None:
+        if self.waiting.qsize() >= self.settings.max_queue:
+            raise OverloadedError(
+                f"{self.waiting.qsize()} requests are waiting (MOE_MAX_QUEUE={self.settings.max_queue}); retry later."
+            )
+
+    def add(self, row: Row) -> None:
+        self.waiting.put(row)
+
+    def admit(self, running: int) -> list[Row]:
+        """Rows that join a batch of `running` rows now, up to MOE_MAX_BATCH_SIZE in all."""
+        capacity = self.settings.max_batch_size - running
+        admitted: list[Row] = []
+        if capacity <= 0:
+            return admitted
+        if not running:
+            try:  # idle: block briefly, then give concurrent requests a moment to join the batch
+                admitted.append(self.waiting.get(timeout=0.05))
+            except queue.Empty:
+                return admitted
+            deadline = time.perf_counter() + self.settings.batch_wait_ms / 1000
+            while len(admitted) < capacity and time.perf_counter() < deadline:
+                try:
+                    admitted.append(self.waiting.get(timeout=max(0.0, deadline - time.perf_counter())))
+                except queue.Empty:
+                    break
+        while len(admitted) < capacity:
+            try:
+                admitted.append(self.waiting.get_nowait())
+            except queue.Empty:
+                break
+        return admitted

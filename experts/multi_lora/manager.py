@@ -1,0 +1,207 @@
+"""The adapter manager: loads adapters into slots, stacks their weights into every wrapped layer, and
+prepares each forward pass's routing (kernel choice and gate tensors) from the rows' mixtures."""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+from collections.abc import Iterator, Sequence
+
+import torch
+from torch import nn
+
+from experts.adapters import LoraWeights
+from experts.multi_lora.layers import InputGroup, MultiLoraLinear
+from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
+
+logger = logging.getLogger(__name__)
+
+STACKED_MAX_COLUMNS = 128
+"""Stack every slot (no copy) while slots x rank stays at or below this many columns."""
+COMPACT_MAX_COLUMNS = 256
+"""Above that, stack only the slots the batch uses while they take at most this many columns; else gather."""
+
+SHARED_INPUT_GROUPS: tuple[tuple[str, ...], ...] = (("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj"))
+"""Sibling projections that read the same input tensor (Llama, Mistral, Qwen, ... naming)."""
+
+
+class MultiLoraModel:
+    """Holds many LoRA adapters on one backbone in slots and routes each batch row to its mixture."""
+
+    def __init__(
+        self, model: nn.Module, stacked_max_columns: int = STACKED_MAX_COLUMNS,
+        compact_max_columns: int = COMPACT_MAX_COLUMNS,
+    ) -> None:
+        self.model = model
+        self.state = GateState()
+        self.stacked_max_columns = stacked_max_columns
+        self.compact_max_columns = compact_max_columns
+        self.layers: dict[str, MultiLoraLinear] = {}
+        self.groups: list[InputGroup] = []
+        self.slots: list[LoraWeights | None] = []
+        self._slot_index: dict[str, int] = {}
+        self._compacted: tuple[int, ...] | None = None  # the slots the compact stacks hold now
+        self.rank = 0
+        self._reference = next(model.parameters())  # device and dtype of the backbone
+
+    # ---- adapters ----------------------------------------------------------------------
+    @property
+    def adapter_names(self) -> list[str]:
+        return [w.name for w in self.slots if w is not None]
+
+    def slot_of(self, name: str) -> int:
+        return self._slot_index[name]
+
+    def _wrap(self, path: str) -> MultiLoraLinear:
+        if path in self.layers:
+            return self.layers[path]
+        parent_path, _, child = path.rpartition(".")
+        parent = self.model.get_submodule(parent_path)
+        base = getattr(parent, child)
+        if not isinstance(base, nn.Linear):
+            raise TypeError(f"{path} is not nn.Linear")
+        layer = MultiLoraLinear(base, self.state)
+        setattr(parent, child, layer)
+        self.layers[path] = layer
+        return layer
+
+    def add_adapter(self, weights: LoraWeights) -> int:
+        """Load (or replace) an adapter; returns its slot. Rebuilds the stacks of every layer (~ms)."""
+        with contextlib.suppress(KeyError):
+            self.slots[self.slot_of(weights.name)] = None
+        free = next((i for i, w in enumerate(self.slots) if w is None), None)
+        if free is None:
+            self.slots.append(weights)
+            free = len(self.slots) - 1
+        else:
+            self.slots[free] = weights
+        for path in weights.modules:
+            self._wrap(path)
+        self._rebuild()
+        return free
+
+    def remove_adapter(self, name: str) -> None:
+        self.slots[self.slot_of(name)] = None
+        while self.slots and self.slots[-1] is None:
+            self.slots.pop()
+        self._rebuild()
+
+    def _make_groups(self) -> list[list[str]]:
+        """Wrapped layers grouped by shared input: known sibling sets under one parent; the rest alone."""
+        by_parent: dict[str, dict[str, str]] = {}
+        for path in self.layers:
+            parent, _, child = path.rpartition(".")
+            by_parent.setdefault(parent, {})[child] = path
+        groups: list[list[str]] = []
+        for children in by_parent.values():
+            taken: set[str] = set()
+            for names in SHARED_INPUT_GROUPS:
+                members = [children[n] for n in names if n in children]
+                widths = {self.layers[p].in_features for p in members}
+                if len(members) > 1 and len(widths) == 1:
+                    groups.append(members)
+                    taken.update(members)
+            groups += [[p] for p in children.values() if p not in taken]
+        return groups
+
+    def _rebuild(self) -> None:
+        self._slot_index = {w.name: i for i, w in enumerate(self.slots) if w is not None}
+        self._compacted = None  # set_stack drops the compact stacks
+        live = [w for w in self.slots if w is not None]
+        self.rank = max((w.rank for w in live), default=0)
+        num_slots = len(self.slots)
+        self.groups = []
+        self.clear()
+        for paths in self._make_groups():
+            members = [self.layers[p] for p in paths]
+            group = InputGroup(members, self.state)
+            self.groups.append(group)
+            ref = members[0].base.weight
+            if num_slots == 0:
+                group.set_stack(None)
+                for layer in members:
+                    layer.group = group
+                    layer.set_stack(None, None)
+                continue
+            # Zero-padded to the largest rank: zero rows/columns add nothing to the output.
+            lora_a = torch.zeros(len(members), num_slots, self.rank, members[0].in_features, dtype=ref.dtype,
+                                 device=ref.device)
+            stacks_bt = []
+            for index, (path, layer) in enumerate(zip(paths, members, strict=True)):
+                lora_bt = torch.zeros(num_slots, self.rank, layer.out_features, dtype=ref.dtype, device=ref.device)
+                for slot, weights in enumerate(self.slots):
+                    if weights is None or path not in weights.modules:
+                        continue
+                    a, b = weights.modules[path]
+                    lora_a[index, slot, : a.shape[0]] = a.to(ref.device, ref.dtype)
+                    lora_bt[slot, : b.shape[1]] = b.t().to(ref.device, ref.dtype)
+                stacks_bt.append(lora_bt)
+            group.set_stack(lora_a)  # copies A under the leader's weight; members get views of it
+            for index, layer in enumerate(members):
+                layer.group = group
+                layer.set_stack(group.lora_a[index], stacks_bt[index])
+
+    def adapter_bytes(self) -> int:
+        return sum(
+            (layer.lora_a.numel() + layer.lora_bt.numel()) * layer.lora_a.element_size()
+            for layer in self.layers.values()
+            if layer.lora_a is not None
+        )
+
+    def compact_cache_bytes(self) -> int:
+        """Bytes of the gathered stacks of the slots a batch uses (many-slot case only; bounded by
+        COMPACT_MAX_COLUMNS columns per layer, whatever the number of experts)."""
+        tensors = [g.compact_a for g in self.groups] + [layer.compact_bt for layer in self.layers.values()]
+        return sum(t.numel() * t.element_size() for t in tensors if t is not None)
+
+    # ---- routing -----------------------------------------------------------------------
+    def kernel_for(self, mixtures: Sequence[Mixture]) -> LoraKernel:
+        """The kernel a batch with these mixtures would use."""
+        return self._kernel([[(self._slot_index[name], w) for name, w in m] for m in mixtures])
+
+    def _kernel(self, slots: Sequence[SlotMixture]) -> LoraKernel:
+        return choose_kernel(len(self.slots), self.rank, slots, self.stacked_max_columns, self.compact_max_columns)
+
+    def set_mixtures(self, mixtures: Sequence[Mixture]) -> None:
+        """Route row n of the next forward passes to mixtures[n]. Unknown names raise KeyError."""
+        state = self.state
+        self.clear()
+        if not self.slots or not any(mixtures):
+            return
+        index = self._slot_index
+        slots = [[(index[name], weight) for name, weight in mixture] for mixture in mixtures]  # KeyError if unknown
+        kernel = self._kernel(slots)
+        if kernel is LoraKernel.GATHERED:
+            state.set_gathered(slots, self._reference)
+        else:
+            columns = list(range(len(self.slots)))
+            if kernel is LoraKernel.COMPACT:
+                columns = list(self._compact(slots))
+            state.set_dense(slots, columns, self.rank, self._reference)
+        state.kernel = kernel
+
+    def _compact(self, slots: Sequence[SlotMixture]) -> tuple[int, ...]:
+        """The used slots, sorted; their stacks are gathered once and reused while the batch's expert set holds."""
+        used = tuple(sorted({s for m in slots for s, _ in m}))
+        if used != self._compacted:
+            index = torch.tensor(used, device=self._reference.device)
+            for group in self.groups:
+                group.compact(index)
+            for layer in self.layers.values():
+                if layer.lora_bt is not None:
+                    layer.compact(index)
+            self._compacted = used
+        return used
+
+    def clear(self) -> None:
+        self.state.reset()
+        for group in self.groups:
+            group.forget()
+
+    @contextlib.contextmanager
+    def routing(self, mixtures: Sequence[Mixture]) -> Iterator[None]:
+        self.set_mixtures(mixtures)
+        try:
+            yield
+        finally:
+            self.clear()

@@ -16,7 +16,6 @@ from transformers import PreTrainedTokenizerBase
 
 from api.metrics import Metrics
 from api.privacy import loggable_prompt, prompt_hash
-from api.route_batcher import RouteBatcher
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from core.errors import ExpertNotFoundError, InvalidInputError, MoEError, NotFoundError, PromptTooLongError
 from core.settings import Settings
@@ -25,6 +24,7 @@ from registry import repository as repo
 from registry.request_log import RequestLogWriter
 from router.gate import BASE
 from router.service import RoutingService
+from serving.route_batcher import RouteBatcher
 
 logger = logging.getLogger(__name__)
 

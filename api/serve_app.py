@@ -19,7 +19,6 @@ from ray.serve.handle import DeploymentHandle
 
 from api.app import create_app
 from api.gateway import Gateway
-from api.pool import ExpertPoolCore, sync_forever
 from core.device import apply_thread_settings
 from core.errors import OverloadedError, PoolUnavailableError
 from core.settings import Settings
@@ -28,6 +27,7 @@ from pipelines.auto_retrain import retrain_forever
 from registry.db import session_factory
 from registry.request_log import RequestLogWriter
 from router.service import RoutingService
+from serving.pool import ExpertPoolCore, sync_forever
 
 logger = logging.getLogger(__name__)
 

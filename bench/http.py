@@ -167,10 +167,10 @@ def main() -> None:
     import ray
     from ray import serve
 
-    from api.local_ray import LOCAL_ENV, wait_healthy
     from api.serve_app import APP_NAME, build_app
     from pipelines.bootstrap import ensure_defaults
     from registry.db import session_factory
+    from serving.local_ray import LOCAL_ENV, wait_healthy
 
     os.environ.update(LOCAL_ENV)
     ensure_defaults(settings, session_factory(settings), backbone)

@@ -140,8 +140,8 @@ def baseline_routes(train_texts: list[str], train_labels: list[str], texts: Sequ
 # --- answers ---------------------------------------------------------------------------------------------------
 
 def answer_nll(local: Settings, sessions, backbone, routing, per_domain: int | None) -> dict:
-    from api.pool import ExpertPoolCore
     from pipelines.evaluate import evaluate_qa, load_qa
+    from serving.pool import ExpertPoolCore
 
     items = load_qa(DATA_DIR / "qa.jsonl")
     if per_domain:
@@ -169,11 +169,11 @@ def learning_loop(local: Settings, sessions, backbone, routing, half_a: list[Dev
 
     from api.app import create_app
     from api.gateway import Gateway
-    from api.pool import ExpertPoolCore, LocalPoolClient
     from pipelines.retrain_router import retrain_from_logs
     from pipelines.train_router import backbone_encoder
     from registry.request_log import RequestLogWriter
     from router.gate import BASE
+    from serving.pool import ExpertPoolCore, LocalPoolClient
 
     before = routing_scores(half_b, product_routes(routing, [q.text for q in half_b]))
     pool = ExpertPoolCore(local, sessions, backbone)

@@ -33,11 +33,11 @@ def local_service(settings: Settings, timeout_s: float = 300) -> Iterator[str]:
     import ray
     from ray import serve
 
-    from api.local_ray import LOCAL_ENV, wait_healthy
     from api.serve_app import APP_NAME, build_app
     from experts.backbone import load_backbone
     from pipelines.bootstrap import ensure_defaults
     from registry.db import session_factory
+    from serving.local_ray import LOCAL_ENV, wait_healthy
 
     os.environ.update(LOCAL_ENV)
     backbone = load_backbone(settings)

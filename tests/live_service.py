@@ -44,11 +44,11 @@ def live(tmp_path_factory, shared_cache):
     import ray
     from ray import serve
 
-    from api.local_ray import LOCAL_ENV, wait_healthy
     from api.serve_app import APP_NAME, build_app
     from experts.backbone import load_backbone
     from pipelines.bootstrap import ensure_defaults
     from registry.db import session_factory
+    from serving.local_ray import LOCAL_ENV, wait_healthy
 
     os.environ.update(LOCAL_ENV)
     home = home_with_shared_cache(tmp_path_factory, shared_cache, "moe-home")

@@ -18,7 +18,6 @@ from sqlalchemy.orm import sessionmaker
 
 from api.app import create_app
 from api.gateway import Gateway
-from api.pool import ExpertPoolCore, LocalPoolClient
 from experts.adapters import write_metadata
 from experts.backbone import load_backbone
 from pipelines.train_expert import register_expert
@@ -29,6 +28,7 @@ from registry.request_log import RequestLogWriter
 from router.gate import BASE
 from router.service import RoutingService
 from router.training import RouterTrainConfig
+from serving.pool import ExpertPoolCore, LocalPoolClient
 from tests.conftest import DOMAIN_PROMPTS, tiny_settings
 from tests.test_router import GENERAL
 

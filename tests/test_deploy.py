@@ -48,7 +48,7 @@ def test_local_head_port_avoids_a_taken_default(monkeypatch):
     """`moe up` must not clash with a Redis (or anything) on Ray's default 6379."""
     import socket
 
-    from api import local_ray
+    from serving import local_ray
 
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as taken:
         taken.bind(("127.0.0.1", 0))

@@ -108,7 +108,7 @@ def test_cli_route_and_eval_qa(live, tmp_path):
     lines = tmp_path / "in.jsonl"
     lines.write_text("\n".join(json.dumps({"text": t}) for t in (MEDICAL, FINANCE)) + "\n")
     out = tmp_path / "out.jsonl"
-    moe = [sys.executable, "-m", "api.cli"]
+    moe = [sys.executable, "-m", "cli"]
     subprocess.run([*moe, "route", "--input", str(lines), "--output", str(out)], env=env, check=True, timeout=300)
     rows = [json.loads(line) for line in out.read_text().splitlines()]
     assert [r["experts"][0] for r in rows] == ["medical", "finance"]

@@ -9,8 +9,8 @@ import time
 
 import pytest
 
-from api.route_batcher import RouteBatcher
 from router.gate import RoutingDecision
+from serving.route_batcher import RouteBatcher
 
 
 def _fake_router(calls: list[tuple[list[str], int | None]], fail_on: str | None = None):

@@ -123,7 +123,7 @@ def test_default_recipes_are_the_shipped_adapters_recipes():
 def test_expert_add_warns_when_the_expert_is_worse_than_the_backbone(settings, monkeypatch, capsys, tmp_path):
     """`moe expert add` says so, on stderr, when the new expert makes held-out answers less likely than the bare
     backbone; a better expert gets no warning."""
-    from api import cli
+    from cli import main as cli
     from pipelines import train_expert
     from pipelines.train_expert import ExpertTrainingResult
 

@@ -54,7 +54,7 @@ class Context:
 
 
 def cmd_up(ctx: Context, args: argparse.Namespace) -> int:
-    from api import local_ray
+    from serving import local_ray
 
     ctx.bootstrap()
     del ctx.__dict__["backbone"]  # the service loads its own copies; free this one
@@ -65,7 +65,7 @@ def cmd_up(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_down(ctx: Context, args: argparse.Namespace) -> int:
-    from api import local_ray
+    from serving import local_ray
 
     local_ray.down(ctx.settings)
     print("moe stopped")
@@ -201,8 +201,8 @@ def cmd_route(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def cmd_eval_qa(ctx: Context, args: argparse.Namespace) -> int:
-    from api.pool import ExpertPoolCore
     from pipelines.evaluate import evaluate_qa, format_table, load_qa
+    from serving.pool import ExpertPoolCore
 
     items = load_qa(args.input)
     routing = ctx.routing()

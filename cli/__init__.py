@@ -1,0 +1,1 @@
+"""The `moe` command line (entry point `cli.main:main`)."""

@@ -44,18 +44,26 @@ def documented_errors(codes: tuple[int, ...]) -> dict[int | str, dict[str, Any]]
     }
 
 
+def error_body(status: int, message: str, code: str, param: str | None = None) -> dict[str, Any]:
+    """The OpenAI error object (ErrorResponse) as sent in a response or a server-sent event."""
+    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
+    return {"error": {"message": message, "type": kind, "param": param, "code": code}}
+
+
 def error_response(status: int, message: str, code: str, param: str | None = None,
                    headers: dict[str, str] | None = None) -> JSONResponse:
-    kind = "invalid_request_error" if 400 <= status < 500 else "server_error"
-    body = {"error": {"message": message, "type": kind, "param": param, "code": code}}
-    return JSONResponse(body, status_code=status, headers=headers)
+    return JSONResponse(error_body(status, message, code, param), status_code=status, headers=headers)
+
+
+def moe_error_body(exc: MoEError) -> dict[str, Any]:
+    return error_body(exc.status_code, exc.message, exc.code)
 
 
 def moe_error_response(exc: MoEError) -> JSONResponse:
     headers = {"Retry-After": str(max(1, round(exc.retry_after)))} if isinstance(exc, UnavailableError) else {}
     if exc.request_id:
         headers["X-MoE-Request-Id"] = exc.request_id
-    return error_response(exc.status_code, exc.message, exc.code, headers=headers or None)
+    return JSONResponse(moe_error_body(exc), status_code=exc.status_code, headers=headers or None)
 
 
 def install_error_handlers(app: FastAPI) -> None:

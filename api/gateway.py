@@ -8,8 +8,8 @@ import logging
 import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
-from typing import Any, Protocol
+from dataclasses import dataclass, field, replace
+from typing import Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedTokenizerBase
@@ -20,6 +20,7 @@ from api.schemas import ChatCompletionRequest, CompletionRequest
 from core.errors import ExpertNotFoundError, InvalidInputError, MoEError, NotFoundError, PromptTooLongError
 from core.settings import Settings
 from experts.data import render_prompt, routing_text
+from experts.engine import GenerationRequest, SamplingParams, TokenEvent
 from registry import repository as repo
 from registry.request_log import RequestLogWriter
 from router.gate import BASE
@@ -36,7 +37,10 @@ class PoolClient(Protocol):
 
     name: str
 
-    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]: ...
+    def stream(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
+        """The request's events, the last one with a finish_reason; with `coalesce` only that one, its text the
+        whole completion."""
+        ...
 
     async def experts(self) -> list[str]: ...
 
@@ -45,21 +49,23 @@ class PoolClient(Protocol):
 class Dispatch:
     """A validated request, ready to generate."""
 
-    request_id: str
+    request: GenerationRequest
+    """What the pool generates (its request_id is the response's id)."""
     endpoint: str
     model: str
-    prompt_ids: list[int]
-    mixture: list[tuple[str, float]]
     experts: list[tuple[str, float]]
     """What the response reports (may include 'base')."""
     router_version: int | None
     confidence: float | None
     forced: str | None
-    params: dict[str, Any]
     route_text: str
     """The user text the router read; this (not the templated prompt) is what the log keeps."""
     pool: PoolClient
     started: float = field(default_factory=time.perf_counter)
+
+    @property
+    def request_id(self) -> str:
+        return self.request.request_id
 
 
 class Gateway:
@@ -101,10 +107,6 @@ class Gateway:
             self._placement, self._placement_at = placement, time.monotonic()
         return self._placement
 
-    def served_experts(self) -> list[str]:
-        with self.sessions() as session:
-            return [e.name for e in repo.list_experts(session, ["active", "unrouted"])]
-
     # ---- preparing ---------------------------------------------------------------------
     def _tokens(self, text: str) -> list[int]:
         ids = self.tokenizer(text, add_special_tokens=False)["input_ids"]
@@ -115,7 +117,7 @@ class Gateway:
             )
         return ids
 
-    def _params(self, body: ChatCompletionRequest | CompletionRequest) -> dict[str, Any]:
+    def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
         max_tokens = body.max_tokens or min(self.settings.default_max_tokens, self.settings.max_new_tokens)
         if max_tokens > self.settings.max_new_tokens:
             raise InvalidInputError(
@@ -124,8 +126,8 @@ class Gateway:
         # Sampling runs in float32: a temperature or top_p below ~1e-38 underflows (NaN probabilities, or a
         # nucleus with no token). Values that small mean "always the top token", so they are greedy.
         greedy = body.temperature < GREEDY_BELOW or body.top_p < GREEDY_BELOW
-        return {"max_tokens": max_tokens, "temperature": 0.0 if greedy else body.temperature,
-                "top_p": 1.0 if greedy else body.top_p, "stop": list(body.stop or []), "seed": body.seed}
+        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
+                              top_p=1.0 if greedy else body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
 
     async def prepare(self, body: ChatCompletionRequest | CompletionRequest) -> Dispatch:
         if isinstance(body, ChatCompletionRequest):
@@ -134,7 +136,7 @@ class Gateway:
         else:
             prompt_text, route_text, endpoint = body.prompt, body.prompt, "completions"
         prompt_ids = self._tokens(prompt_text)
-        params = self._params(body)
+        params = self._sampling(body)
         request_id = "req-" + uuid.uuid4().hex
         placement = await self.refresh_placement()
         if body.model == "auto":
@@ -164,22 +166,20 @@ class Gateway:
             confidence, version, forced, pool = None, None, body.model, placement[body.model]
         if pool is None:
             pool = self.pools[0]  # bare backbone: any pool serves it
-        return Dispatch(request_id, endpoint, body.model, prompt_ids, mixture, experts, version, confidence,
-                        forced, params, route_text, pool)
+        request = GenerationRequest(prompt_ids, mixture, params, request_id)
+        return Dispatch(request, endpoint, body.model, experts, version, confidence, forced, route_text, pool)
 
     # ---- generating --------------------------------------------------------------------
-    async def stream(self, dispatch: Dispatch, coalesce: bool = False) -> AsyncIterator[dict[str, Any]]:
-        """Events from the pool: {"text", "finish_reason", "prompt_tokens", "completion_tokens"}; with
-        `coalesce` (a non-streamed answer) the pool sends one final event carrying the whole text."""
-        payload = {"request_id": dispatch.request_id, "prompt_ids": dispatch.prompt_ids,
-                   "mixture": dispatch.mixture, "params": dispatch.params, "coalesce": coalesce}
-        last: dict[str, Any] = {}
+    async def stream(self, dispatch: Dispatch, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
+        """Events from the pool; with `coalesce` (a non-streamed answer) the pool sends one final event carrying
+        the whole text. Whatever happens, the request is logged and counted once."""
+        last: TokenEvent | None = None
         status, error = 200, None
         try:
-            async for event in dispatch.pool.stream(payload):
+            async for event in dispatch.pool.stream(dispatch.request, coalesce):
                 last = event
-                if event.get("finish_reason") == "error":
-                    status, error = 500, event.get("error")
+                if event.finish_reason == "error":
+                    status, error = 500, event.error
                 yield event
         except MoEError as exc:
             status, error = exc.status_code, exc.message
@@ -194,9 +194,21 @@ class Gateway:
         finally:
             self.record(dispatch, last, status, error)
 
-    def record(self, dispatch: Dispatch, last: dict[str, Any], status: int, error: str | None) -> None:
+    async def complete(self, dispatch: Dispatch) -> TokenEvent:
+        """The whole answer: the final event, its text the joined completion. A failed generation raises."""
+        parts: list[str] = []
+        last = TokenEvent(dispatch.request_id, "", None, 0, 0)
+        async for event in self.stream(dispatch, coalesce=True):
+            parts.append(event.text)
+            last = event
+        if last.finish_reason == "error":
+            raise MoEError(f"Generation failed: {last.error}")
+        return replace(last, text="".join(parts))
+
+    def record(self, dispatch: Dispatch, last: TokenEvent | None, status: int, error: str | None) -> None:
         latency_ms = (time.perf_counter() - dispatch.started) * 1000
-        completion_tokens = int(last.get("completion_tokens", 0))
+        prompt_tokens = len(dispatch.request.prompt_ids)
+        completion_tokens = last.completion_tokens if last is not None else 0
         self.log_writer.log({
             "request_id": dispatch.request_id,
             "endpoint": dispatch.endpoint,
@@ -207,7 +219,7 @@ class Gateway:
             "confidence": dispatch.confidence,
             "prompt": loggable_prompt(dispatch.route_text, self.settings),
             "prompt_hash": prompt_hash(dispatch.route_text),
-            "prompt_tokens": len(dispatch.prompt_ids),
+            "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
             "latency_ms": latency_ms,
             "status_code": status,
@@ -215,7 +227,7 @@ class Gateway:
         })
         self.metrics.observe_request(
             dispatch.endpoint, dispatch.experts[0][0] if dispatch.experts else BASE, status,
-            len(dispatch.prompt_ids), completion_tokens, latency_ms / 1000,
+            prompt_tokens, completion_tokens, latency_ms / 1000,
         )
 
     def _route_many(self, texts: Sequence[str], top_k: int | None):

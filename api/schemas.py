@@ -4,9 +4,9 @@ purpose; field descriptions end up in the OpenAPI document."""
 from __future__ import annotations
 
 import time
-from typing import Literal
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, SerializerFunctionWrapHandler, field_validator, model_serializer
 
 MAX_STOP = 4
 
@@ -104,6 +104,61 @@ class CompletionResponse(BaseModel):
     choices: list[CompletionChoice]
     usage: Usage
     moe: MoEInfo
+
+
+class ChatDelta(BaseModel):
+    """The new part of the assistant message; fields that are not set are left out of the chunk."""
+
+    role: Literal["assistant"] | None = None
+    content: str | None = None
+
+    @model_serializer(mode="wrap")
+    def _set_fields_only(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        return {k: v for k, v in handler(self).items() if v is not None}
+
+
+class ChatChunkChoice(BaseModel):
+    index: int = 0
+    delta: ChatDelta
+    finish_reason: str | None = None
+
+
+class CompletionChunkChoice(BaseModel):
+    index: int = 0
+    text: str
+    finish_reason: str | None = None
+    logprobs: None = None
+
+
+class _Chunk(BaseModel):
+    """A server-sent event's data; `usage` only on the last chunk of a request."""
+
+    @model_serializer(mode="wrap")
+    def _usage_when_final(self, handler: SerializerFunctionWrapHandler) -> dict[str, Any]:
+        data = handler(self)
+        if data.get("usage") is None:
+            data.pop("usage", None)
+        return data
+
+
+class ChatCompletionChunk(_Chunk):
+    id: str
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    created: int
+    model: str
+    choices: list[ChatChunkChoice]
+    moe: MoEInfo
+    usage: Usage | None = None
+
+
+class CompletionChunk(_Chunk):
+    id: str
+    object: Literal["text_completion"] = "text_completion"
+    created: int
+    model: str
+    choices: list[CompletionChunkChoice]
+    moe: MoEInfo
+    usage: Usage | None = None
 
 
 class ModelCard(BaseModel):

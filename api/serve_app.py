@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+from collections.abc import AsyncIterator
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +24,7 @@ from core.device import apply_thread_settings
 from core.errors import OverloadedError, PoolUnavailableError
 from core.settings import Settings
 from experts.backbone import load_backbone
+from experts.engine import GenerationRequest, TokenEvent
 from pipelines.auto_retrain import retrain_forever
 from registry.db import session_factory
 from registry.request_log import RequestLogWriter
@@ -94,8 +96,8 @@ class ExpertPool:
                                    config.experts, config.exclude)
         self._sync = asyncio.get_event_loop().create_task(sync_forever(self.core, 2.0))
 
-    async def generate(self, payload: dict[str, Any]):
-        async for event in self.core.stream(payload):
+    async def generate(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
+        async for event in self.core.stream(request, coalesce):
             yield event
 
     async def experts(self) -> list[str]:
@@ -116,9 +118,9 @@ class RayPoolClient:
         self.handle = handle
         self.name = name
 
-    async def stream(self, payload: dict[str, Any]):
+    async def stream(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
         try:
-            async for event in self.handle.options(stream=True).generate.remote(payload):
+            async for event in self.handle.options(stream=True).generate.remote(request, coalesce):
                 yield event
         except BackPressureError as exc:
             raise OverloadedError(f"Pool {self.name} is at capacity (max_queued_requests); retry later.") from exc

@@ -8,9 +8,7 @@ import asyncio
 import fnmatch
 import logging
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import asdict
 from pathlib import Path
-from typing import Any
 
 from sqlalchemy.exc import SQLAlchemyError
 from sqlalchemy.orm import Session, sessionmaker
@@ -19,13 +17,10 @@ from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.adapters import load_validated
 from experts.backbone import Backbone
-from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
+from experts.engine import GenerationEngine, GenerationRequest, TokenEvent
 from registry import repository as repo
 
 logger = logging.getLogger(__name__)
-
-SERVED_STATUSES = ("active", "unrouted")
-
 
 def placed_here(name: str, patterns: Sequence[str]) -> bool:
     return any(fnmatch.fnmatchcase(name, p) for p in patterns)
@@ -49,7 +44,7 @@ class ExpertPoolCore:
 
     def wanted(self) -> dict[str, tuple[int, str]]:
         with self.sessions() as session:
-            experts = repo.list_experts(session, SERVED_STATUSES)
+            experts = repo.served_experts(session)
             return {
                 e.name: (e.current_version, repo.current_version(session, e).adapter_path)
                 for e in experts
@@ -84,23 +79,17 @@ class ExpertPoolCore:
     def experts(self) -> list[str]:
         return sorted(self.loaded)
 
-    async def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        params = dict(payload.get("params") or {})
-        params["stop"] = tuple(params.get("stop") or ())
-        request = GenerationRequest(
-            prompt_ids=list(payload["prompt_ids"]),
-            mixture=[(str(n), float(w)) for n, w in payload.get("mixture") or []],
-            params=SamplingParams(**params),
-            request_id=payload.get("request_id") or GenerationRequest([0]).request_id,
-        )
-        if not payload.get("coalesce"):
+    async def stream(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
+        """The request's events as the engine produces them; with `coalesce` (a non-streamed answer) one final
+        event whose text is the whole completion."""
+        if not coalesce:
             async for event in self.engine.stream(request):
-                yield asdict(event)
+                yield event
             return
         # A non-streamed answer crosses the Ray boundary once, not once per token, and wakes this replica's
         # event loop once: with 16 clients decoding together, per-token events are what the service pays over
         # the engine.
-        yield asdict(await self.engine.complete(request))
+        yield await self.engine.complete(request)
 
     def close(self) -> None:
         self.engine.stop()
@@ -113,8 +102,8 @@ class LocalPoolClient:
         self.core = core
         self.name = core.name
 
-    def stream(self, payload: dict[str, Any]) -> AsyncIterator[dict[str, Any]]:
-        return self.core.stream(payload)
+    def stream(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
+        return self.core.stream(request, coalesce)
 
     async def experts(self) -> list[str]:
         return self.core.experts()

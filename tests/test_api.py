@@ -20,6 +20,7 @@ from api.app import create_app
 from api.gateway import Gateway
 from experts.adapters import write_metadata
 from experts.backbone import load_backbone
+from experts.engine import GenerationRequest, SamplingParams, TokenEvent
 from pipelines.train_expert import register_expert
 from pipelines.train_router import make_encoder, train_router
 from registry import repository as repo
@@ -254,16 +255,15 @@ def test_non_streamed_answers_cross_the_pool_boundary_once(shared):
     core = gateway.pools[0].core
     prompt = gateway.tokenizer("I have a bad headache and fever")["input_ids"]
 
-    async def events(coalesce: bool) -> list[dict]:
-        payload = {"prompt_ids": prompt, "mixture": [("medical", 1.0)], "coalesce": coalesce,
-                   "params": {"max_tokens": 6, "temperature": 0}}
-        return [event async for event in core.stream(payload)]
+    async def events(coalesce: bool) -> list[TokenEvent]:
+        request = GenerationRequest(prompt, [("medical", 1.0)], SamplingParams(max_tokens=6, temperature=0))
+        return [event async for event in core.stream(request, coalesce)]
 
     streamed, coalesced = asyncio.run(events(False)), asyncio.run(events(True))
     assert len(streamed) > 1 and len(coalesced) == 1
-    assert coalesced[0]["text"] == "".join(e["text"] for e in streamed)
-    assert {k: coalesced[0][k] for k in ("finish_reason", "prompt_tokens", "completion_tokens")} == {
-        k: streamed[-1][k] for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
+    assert coalesced[0].text == "".join(e.text for e in streamed)
+    assert {k: getattr(coalesced[0], k) for k in ("finish_reason", "prompt_tokens", "completion_tokens")} == {
+        k: getattr(streamed[-1], k) for k in ("finish_reason", "prompt_tokens", "completion_tokens")}
     body = {"model": "medical", "max_tokens": 6, "temperature": 0,
             "messages": [{"role": "user", "content": "my knee is swollen after running"}]}
     whole = client.post("/v1/chat/completions", json=body).json()["choices"][0]["message"]["content"]

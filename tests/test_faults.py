@@ -15,6 +15,7 @@ from sqlalchemy.orm import sessionmaker
 from api.serve_app import RayPoolClient
 from core.errors import OverloadedError, PoolUnavailableError
 from experts.backbone import load_backbone
+from experts.engine import GenerationRequest, TokenEvent
 from registry import repository as repo
 from registry.db import make_engine
 from tests.conftest import tiny_settings
@@ -82,10 +83,10 @@ class _DyingGenerate:
     def generate(self):
         return self
 
-    def remote(self, _payload):
+    def remote(self, request, _coalesce=False):
         async def stream():
             for i in range(self.events):
-                yield {"text": str(i), "finish_reason": None}
+                yield TokenEvent(request.request_id, str(i), None, len(request.prompt_ids), i + 1)
             raise self.error
 
         return stream()
@@ -96,8 +97,8 @@ class _DyingGenerate:
 def test_pool_client_turns_replica_faults_into_retryable_errors(error, expected):
     client = RayPoolClient(_DyingGenerate(error, events=2), "default")
 
-    async def consume() -> list[dict]:
-        return [event async for event in client.stream({})]
+    async def consume() -> list[TokenEvent]:
+        return [event async for event in client.stream(GenerationRequest([1, 2]))]
 
     with pytest.raises(expected) as caught:
         asyncio.run(consume())
@@ -110,8 +111,8 @@ class _FailingPool:
     def __init__(self, inner) -> None:
         self.inner, self.fail = inner, False
 
-    def stream(self, payload):
-        return self.inner.stream(payload)
+    def stream(self, request, coalesce=False):
+        return self.inner.stream(request, coalesce)
 
     async def experts(self) -> list[str]:
         if self.fail:

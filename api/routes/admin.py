@@ -1,4 +1,5 @@
-"""Admin routes (Bearer MOE_ADMIN_TOKEN): experts, router versions, background jobs."""
+"""Admin routes (Bearer MOE_ADMIN_TOKEN): experts, router versions, background jobs. Handlers that only touch
+the registry (and reload the router) are plain `def`: FastAPI runs them in its thread pool, off the event loop."""
 
 from __future__ import annotations
 
@@ -8,15 +9,17 @@ from typing import Any
 from fastapi import APIRouter, Depends, Request
 from fastapi import Path as PathParam
 from pydantic import BaseModel, Field
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import check_admin
 from api.errors import ADMIN_ERRORS, documented_errors
 from api.gateway import Gateway
-from core.errors import ConflictError, InvalidInputError
+from core.errors import InvalidInputError
 from experts.adapters import validate_expert_name
 from pipelines import jobs
 from pipelines.archive import unpack_adapter_archive
 from registry import repository as repo
+from registry.models import ExpertStatus
 
 
 class RegisterExpert(BaseModel):
@@ -33,6 +36,7 @@ class RetrainRouter(BaseModel):
 
 
 def build_admin_router(get_gateway) -> APIRouter:
+    # long: one short handler per admin endpoint, declared together so the router reads as the API
     router = APIRouter(prefix="/admin", tags=["admin"], responses=documented_errors(ADMIN_ERRORS))
 
     def admin(request: Request) -> Gateway:
@@ -44,20 +48,22 @@ def build_admin_router(get_gateway) -> APIRouter:
         with gw.sessions.begin() as session:
             return repo.create_job(session, kind, message).id
 
+    def require_new_expert(gw: Gateway, name: str) -> None:
+        with gw.sessions() as session:
+            repo.require_new_expert(session, name, hint="")
+
     @router.get("/experts")
-    async def list_experts(gw: Gateway = Depends(admin)) -> list[dict[str, Any]]:
+    def list_experts(gw: Gateway = Depends(admin)) -> list[dict[str, Any]]:
         with gw.sessions() as session:
             return [{"name": e.name, "status": e.status, "version": e.current_version, "description": e.description}
                     for e in repo.list_experts(session)]
 
     @router.post("/experts", status_code=202)
-    async def register(body: RegisterExpert, gw: Gateway = Depends(admin)) -> dict[str, str]:
+    def register(body: RegisterExpert, gw: Gateway = Depends(admin)) -> dict[str, str]:
         validate_expert_name(body.name)
         if (body.data_path is None) == (body.adapter_path is None):
             raise InvalidInputError("Give exactly one of data_path or adapter_path.")
-        with gw.sessions() as session:
-            if repo.get_expert(session, body.name) is not None:
-                raise ConflictError(f"Expert {body.name!r} already exists.")
+        require_new_expert(gw, body.name)
         payload = gw.settings.payload()
         job_id = _job(gw, "register_expert", f"queued: {body.name}")
         if body.data_path is not None:
@@ -68,7 +74,7 @@ def build_admin_router(get_gateway) -> APIRouter:
                         body.prompts_path)
         return {"job_id": job_id}
 
-    async def _set_status(gw: Gateway, name: str, status: str) -> dict[str, str]:
+    def _set_status(gw: Gateway, name: str, status: ExpertStatus) -> dict[str, str]:
         with gw.sessions.begin() as session:
             repo.set_expert_status(session, name, status)
         gw.routing.refresh()
@@ -78,52 +84,50 @@ def build_admin_router(get_gateway) -> APIRouter:
     async def upload(name: str, request: Request, description: str = "", gw: Gateway = Depends(admin)) -> dict:
         """Body: a .zip/.tar/.tar.gz of a peft LoRA folder. Checked member by member before anything is written."""
         validate_expert_name(name)
-        with gw.sessions() as session:
-            if repo.get_expert(session, name) is not None:
-                raise ConflictError(f"Expert {name!r} already exists.")
+        await run_in_threadpool(require_new_expert, gw, name)
         data = await request.body()
         folder = gw.settings.home / "uploads" / uuid.uuid4().hex
         unpack_adapter_archive(data, folder, gw.settings.max_upload_bytes)
-        job_id = _job(gw, "register_expert", f"queued: {name} (upload)")
+        job_id = await run_in_threadpool(_job, gw, "register_expert", f"queued: {name} (upload)")
         jobs.launch(jobs.adapter_job, gw.settings.payload(), job_id, name, str(folder), description, None)
         return {"job_id": job_id}
 
     @router.post("/experts/{name}/retire")
-    async def retire(name: str, gw: Gateway = Depends(admin)) -> dict[str, str]:
-        return await _set_status(gw, name, "retired")
+    def retire(name: str, gw: Gateway = Depends(admin)) -> dict[str, str]:
+        return _set_status(gw, name, ExpertStatus.RETIRED)
 
     @router.post("/experts/{name}/activate")
-    async def activate(name: str, gw: Gateway = Depends(admin)) -> dict[str, str]:
-        return await _set_status(gw, name, "active")
+    def activate(name: str, gw: Gateway = Depends(admin)) -> dict[str, str]:
+        return _set_status(gw, name, ExpertStatus.ACTIVE)
 
     @router.get("/routers")
-    async def routers(gw: Gateway = Depends(admin)) -> list[dict[str, Any]]:
+    def routers(gw: Gateway = Depends(admin)) -> list[dict[str, Any]]:
         with gw.sessions() as session:
             return [{"version": r.version, "status": r.status, "experts": r.experts,
                      "accuracy": r.metrics.get("accuracy")} for r in repo.list_routers(session)]
 
     @router.post("/routers/train", status_code=202)
-    async def train(body: RetrainRouter, gw: Gateway = Depends(admin)) -> dict[str, str]:
+    def train(body: RetrainRouter, gw: Gateway = Depends(admin)) -> dict[str, str]:
         job_id = _job(gw, "train_router", "queued")
         jobs.launch(jobs.router_job, gw.settings.payload(), job_id, body.from_logs)
         return {"job_id": job_id}
 
     @router.post("/routers/{version}/promote")
-    async def promote(version: int = PathParam(ge=1, le=2**31 - 1), gw: Gateway = Depends(admin)) -> dict[str, Any]:
+    def promote(version: int = PathParam(ge=1, le=2**31 - 1), gw: Gateway = Depends(admin)) -> dict[str, Any]:
         with gw.sessions.begin() as session:
             repo.promote_router(session, version)
         gw.routing.refresh()
         return {"active": gw.routing.version}
 
     @router.post("/routers/rollback")
-    async def rollback(gw: Gateway = Depends(admin)) -> dict[str, Any]:
+    def rollback(gw: Gateway = Depends(admin)) -> dict[str, Any]:
         with gw.sessions.begin() as session:
             repo.rollback_router(session)
         gw.routing.refresh()
         return {"active": gw.routing.version}
 
     @router.get("/jobs/{job_id}")
-    async def job(job_id: str, gw: Gateway = Depends(admin)) -> dict[str, Any]:
+    def job(job_id: str, gw: Gateway = Depends(admin)) -> dict[str, Any]:
         with gw.sessions() as session:
             j = repo.get_job(session, job_id)
             return {"id": j.id, "kind": j.kind, "status": j.status, "progress": j.progress, "message": j.message,

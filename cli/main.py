@@ -11,6 +11,7 @@ from pathlib import Path
 
 from core.errors import InvalidInputError, MoEError
 from core.settings import Settings
+from registry.models import ExpertStatus
 
 logger = logging.getLogger("moe")
 
@@ -241,10 +242,10 @@ def build_parser() -> argparse.ArgumentParser:
     expert.add_parser("list").set_defaults(func=cmd_expert_list)
     retire = expert.add_parser("retire", help="stop serving and routing to it (history kept)")
     retire.add_argument("name")
-    retire.set_defaults(func=lambda ctx, a: _set_status(ctx, a.name, "retired"))
+    retire.set_defaults(func=lambda ctx, a: _set_status(ctx, a.name, ExpertStatus.RETIRED))
     activate = expert.add_parser("activate", help="bring a retired expert back")
     activate.add_argument("name")
-    activate.set_defaults(func=lambda ctx, a: _set_status(ctx, a.name, "active"))
+    activate.set_defaults(func=lambda ctx, a: _set_status(ctx, a.name, ExpertStatus.ACTIVE))
 
     router = sub.add_parser("router", help="train, promote, roll back routers")
     router = router.add_subparsers(dest="sub", required=True)

@@ -71,7 +71,7 @@ def register_default_router(settings: Settings, sessions: sessionmaker[Session],
         return False
     shipped = json.loads(config_file.read_text())
     with sessions() as session:
-        experts = sorted(e.name for e in repo.list_experts(session, ["active", "unrouted"]))
+        experts = sorted(e.name for e in repo.served_experts(session))
     if shipped.get("backbone_fingerprint") != backbone.fingerprint or shipped.get("labels") != [*experts, BASE_LABEL]:
         return False
     with sessions.begin() as session:
@@ -90,7 +90,7 @@ def ensure_defaults(settings: Settings, sessions: sessionmaker[Session], backbon
     register_default_experts(settings, sessions, backbone)
     with sessions() as session:
         has_router = repo.active_router(session) is not None
-        has_experts = bool(repo.list_experts(session, ["active", "unrouted"]))
+        has_experts = bool(repo.served_experts(session))
     if has_router or not has_experts or register_default_router(settings, sessions, backbone):
         return
     logger.info("No active router: training the first one")

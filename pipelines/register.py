@@ -13,7 +13,6 @@ from pathlib import Path
 
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ConflictError
 from core.settings import Settings
 from experts.adapters import (
     CONFIG_FILE,
@@ -28,14 +27,14 @@ from experts.data import load_texts
 from experts.seed import split_texts
 from pipelines.train_expert import register_expert
 from registry import repository as repo
+from registry.models import ExpertStatus
 
 
 def register_adapter(settings: Settings, sessions: sessionmaker[Session], backbone: Backbone, name: str,
                      adapter_dir: Path, description: str = "", prompts: Path | None = None) -> int:
     validate_expert_name(name)
     with sessions() as session:
-        if repo.get_expert(session, name) is not None:
-            raise ConflictError(f"Expert {name!r} already exists; pick another name or retire it first.")
+        repo.require_new_expert(session, name)
     weights = load_validated(adapter_dir, name, backbone, settings)
     texts = load_texts(prompts) if prompts is not None else []
     train, val = split_texts(texts)
@@ -55,7 +54,7 @@ def register_adapter(settings: Settings, sessions: sessionmaker[Session], backbo
     try:
         with sessions.begin() as session:
             return register_expert(session, name, description, str(target), backbone, weights.rank, modules, {},
-                                   "adapter", train, val, None, status="unrouted")
+                                   "adapter", train, val, None, status=ExpertStatus.UNROUTED)
     except Exception:
         shutil.rmtree(target, ignore_errors=True)  # nothing half-registered stays behind
         raise

@@ -28,7 +28,7 @@ def retrain_from_logs(settings: Settings, sessions: sessionmaker[Session], encod
                       since: datetime | None = None, pseudo_label_confidence: float | None = None,
                       min_labels: int = 1, promote: str = "auto") -> RouterReport:
     with sessions() as session:
-        known = [e.name for e in repo.list_experts(session, ["active", "unrouted"])] + [BASE]
+        known = [e.name for e in repo.served_experts(session)] + [BASE]
         labels = log_labels(session, known, since, pseudo_label_confidence)
     if len(labels) < min_labels:
         raise InvalidInputError(

@@ -19,10 +19,11 @@ from pipelines.log_labels import read_feedback, read_logs
 from pipelines.plots import save_bar_chart
 from pipelines.tracking import mlflow_run
 from registry.models import utcnow
+from router.gate import BASE
 
 
 def _top_expert(experts) -> str:
-    return experts[0]["name"] if experts else "base"
+    return experts[0]["name"] if experts else BASE
 
 
 def compute_stats(logs: pd.DataFrame, feedback: pd.DataFrame, previous: pd.DataFrame) -> pd.DataFrame:
@@ -43,7 +44,7 @@ def compute_stats(logs: pd.DataFrame, feedback: pd.DataFrame, previous: pd.DataF
         by_routed = routed.groupby("expert")
         stats["confidence_mean"] = by_routed["confidence"].mean()
         stats["confidence_p10"] = by_routed["confidence"].quantile(0.1)
-        stats["abstain_rate"] = (routed["expert"] == "base").groupby(routed["expert"]).mean()
+        stats["abstain_rate"] = (routed["expert"] == BASE).groupby(routed["expert"]).mean()
     if not feedback.empty:
         judged = feedback[feedback["expert"].notna()].merge(logs[["request_id", "expert"]], on="request_id",
                                                             suffixes=("_true", ""))

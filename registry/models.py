@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import enum
 from datetime import UTC, datetime
 from typing import Any, ClassVar
 
@@ -11,6 +12,30 @@ from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
 def utcnow() -> datetime:
     return datetime.now(UTC).replace(tzinfo=None)
+
+
+class ExpertStatus(enum.StrEnum):
+    """Lifecycle of an expert (stored as its string value)."""
+
+    ACTIVE = "active"
+    """Served and routed."""
+    UNROUTED = "unrouted"
+    """Served by name; the router does not pick it yet."""
+    RETIRED = "retired"
+    """Neither served nor routed; history kept."""
+
+
+SERVED_STATUSES = (ExpertStatus.ACTIVE, ExpertStatus.UNROUTED)
+"""Experts the pools load and `model=<expert>` may name."""
+
+
+class RouterStatus(enum.StrEnum):
+    """Lifecycle of a router version (stored as its string value)."""
+
+    CANDIDATE = "candidate"
+    ACTIVE = "active"
+    REJECTED = "rejected"
+    RETIRED = "retired"
 
 
 class Base(DeclarativeBase):
@@ -23,8 +48,8 @@ class Expert(Base):
     id: Mapped[int] = mapped_column(primary_key=True)
     name: Mapped[str] = mapped_column(String(48), unique=True, index=True)
     description: Mapped[str] = mapped_column(Text, default="")
-    status: Mapped[str] = mapped_column(String(16), default="active")
-    """active (served and routed), unrouted (served by name, the router does not pick it yet), retired."""
+    status: Mapped[str] = mapped_column(String(16), default=ExpertStatus.ACTIVE.value)
+    """An ExpertStatus value."""
     current_version: Mapped[int] = mapped_column(Integer, default=1)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     updated_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow, onupdate=utcnow)
@@ -78,8 +103,8 @@ class RouterVersion(Base):
     """Gate columns in order (expert names, then 'base')."""
     metrics: Mapped[dict[str, Any]] = mapped_column(default=dict)
     data_summary: Mapped[dict[str, Any]] = mapped_column(default=dict)
-    status: Mapped[str] = mapped_column(String(16), default="candidate")
-    """candidate, active, rejected, retired."""
+    status: Mapped[str] = mapped_column(String(16), default=RouterStatus.CANDIDATE.value)
+    """A RouterStatus value."""
     mlflow_run_id: Mapped[str | None] = mapped_column(String(64), nullable=True)
     created_at: Mapped[datetime] = mapped_column(DateTime, default=utcnow)
     promoted_at: Mapped[datetime | None] = mapped_column(DateTime, nullable=True)

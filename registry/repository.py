@@ -12,11 +12,14 @@ from sqlalchemy.orm import Session
 
 from core.errors import ConflictError, ExpertNotFoundError, NotFoundError
 from registry.models import (
+    SERVED_STATUSES,
     Expert,
+    ExpertStatus,
     ExpertVersion,
     Feedback,
     Job,
     RequestLog,
+    RouterStatus,
     RouterVersion,
     RoutingExample,
     utcnow,
@@ -39,14 +42,25 @@ def require_expert(session: Session, name: str) -> Expert:
 def list_experts(session: Session, statuses: Sequence[str] | None = None) -> list[Expert]:
     query = select(Expert).order_by(Expert.name)
     if statuses:
-        query = query.where(Expert.status.in_(statuses))
+        query = query.where(Expert.status.in_([str(s) for s in statuses]))  # plain strings for every driver
     return list(session.scalars(query))
 
 
-def add_expert(session: Session, name: str, description: str = "", status: str = "active") -> Expert:
+def served_experts(session: Session) -> list[Expert]:
+    """Experts the pools serve (active or unrouted), by name."""
+    return list_experts(session, SERVED_STATUSES)
+
+
+def require_new_expert(session: Session, name: str,
+                       hint: str = "; pick another name or retire it first") -> None:
+    """Raise ConflictError when an expert of this name exists (retired ones included)."""
     if get_expert(session, name) is not None:
-        raise ConflictError(f"Expert {name!r} already exists; pick another name or retire it first.")
-    expert = Expert(name=name, description=description, status=status, current_version=0)
+        raise ConflictError(f"Expert {name!r} already exists{hint}.")
+
+
+def add_expert(session: Session, name: str, description: str = "", status: str = ExpertStatus.ACTIVE) -> Expert:
+    require_new_expert(session, name)
+    expert = Expert(name=name, description=description, status=str(status), current_version=0)
     session.add(expert)
     session.flush()
     return expert
@@ -93,7 +107,7 @@ def current_version(session: Session, expert: Expert) -> ExpertVersion:
 
 def set_expert_status(session: Session, name: str, status: str) -> Expert:
     expert = require_expert(session, name)
-    expert.status = status
+    expert.status = str(status)
     session.flush()
     return expert
 
@@ -132,7 +146,7 @@ def add_router_version(session: Session, **fields: Any) -> RouterVersion:
 
 
 def active_router(session: Session) -> RouterVersion | None:
-    return session.scalar(select(RouterVersion).where(RouterVersion.status == "active"))
+    return session.scalar(select(RouterVersion).where(RouterVersion.status == RouterStatus.ACTIVE.value))
 
 
 def get_router(session: Session, version: int) -> RouterVersion:
@@ -148,8 +162,9 @@ def list_routers(session: Session) -> list[RouterVersion]:
 
 def promote_router(session: Session, version: int) -> RouterVersion:
     router = get_router(session, version)
-    session.execute(update(RouterVersion).where(RouterVersion.status == "active").values(status="retired"))
-    router.status = "active"
+    session.execute(update(RouterVersion).where(RouterVersion.status == RouterStatus.ACTIVE.value)
+                    .values(status=RouterStatus.RETIRED.value))
+    router.status = RouterStatus.ACTIVE.value
     router.promoted_at = utcnow()
     session.flush()
     return router
@@ -158,15 +173,16 @@ def promote_router(session: Session, version: int) -> RouterVersion:
 def rollback_router(session: Session) -> RouterVersion:
     """Re-activate the most recently promoted router before the active one."""
     current = active_router(session)
-    query = select(RouterVersion).where(RouterVersion.promoted_at.is_not(None), RouterVersion.status != "active")
+    query = select(RouterVersion).where(RouterVersion.promoted_at.is_not(None),
+                                        RouterVersion.status != RouterStatus.ACTIVE.value)
     if current is not None and current.promoted_at is not None:
         query = query.where(RouterVersion.promoted_at < current.promoted_at)
     previous = session.scalar(query.order_by(RouterVersion.promoted_at.desc()))
     if previous is None:
         raise NotFoundError("There is no earlier promoted router to roll back to.")
     if current is not None:
-        current.status = "retired"
-    previous.status = "active"
+        current.status = RouterStatus.RETIRED.value
+    previous.status = RouterStatus.ACTIVE.value
     session.flush()
     return previous
 

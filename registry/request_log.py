@@ -10,7 +10,6 @@ import logging
 import os
 import queue
 import threading
-import time
 from datetime import datetime
 from pathlib import Path
 from typing import Any
@@ -161,12 +160,3 @@ class RequestLogWriter:
         self.replayed += len(rows)
         logger.info("Replayed %d spilled request-log rows", len(rows))
 
-
-def wait_until_written(writer: RequestLogWriter, expected: int, timeout_s: float = 10.0) -> bool:
-    deadline = time.monotonic() + timeout_s
-    while time.monotonic() < deadline:
-        writer.flush()
-        if writer.written + writer.replayed >= expected:
-            return True
-        time.sleep(0.05)
-    return False

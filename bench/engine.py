@@ -97,6 +97,7 @@ def engine_on_copy(backbone: Backbone, settings: Settings, adapters: list[LoraWe
 
 
 def main() -> None:
+    # long: a benchmark script, one measurement after another, read top to bottom
     parser = argparse.ArgumentParser()
     parser.add_argument("--new-tokens", type=int, default=32)
     parser.add_argument("--repeats", type=int, default=5)

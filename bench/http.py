@@ -114,6 +114,7 @@ def plain_baseline_app(backbone, bare_model, max_tokens: int) -> FastAPI:
 
 
 def main() -> None:
+    # long: a benchmark script, one pass after another, read top to bottom
     parser = argparse.ArgumentParser()
     parser.add_argument("--requests", type=int, default=64)
     parser.add_argument("--clients", type=int, default=16)

@@ -130,6 +130,7 @@ def held_out_scores(router: Router, val_x, val_y, robust_x=None, robust_y=None) 
 
 
 def main() -> None:
+    # long: a benchmark script, one measurement after another, read top to bottom
     parser = argparse.ArgumentParser()
     parser.add_argument("--layers", type=int, nargs="+", default=[4, 8, 12, 16, 20, 24, 30])
     parser.add_argument("--study-per-label", type=int, default=150,

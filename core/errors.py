@@ -96,11 +96,6 @@ class DatabaseUnavailableError(UnavailableError):
     code = "database_unavailable"
 
 
-class RateLimitedError(OverloadedError):
-    status_code = 429
-    code = "rate_limited"
-
-
 class ModelUnavailableError(MoEError):
     """A model or package the configuration names is not installed or not in the local cache."""
 

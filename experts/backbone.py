@@ -9,7 +9,6 @@ import json
 import logging
 import shutil
 import time
-from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -47,16 +46,8 @@ class Backbone:
         return next(self.model.parameters()).dtype
 
     @property
-    def num_layers(self) -> int:
-        return int(self.model.config.num_hidden_layers)
-
-    @property
     def hidden_size(self) -> int:
         return int(self.model.config.hidden_size)
-
-
-BackboneLoader = Callable[[Settings], Backbone]
-"""Injection point: anything that turns settings into a Backbone (tests pass a tiny one)."""
 
 
 def fingerprint_model(model: PreTrainedModel) -> str:
@@ -135,7 +126,7 @@ def resolve_backbone_folder(settings: Settings) -> Path | str:
 
 
 def load_backbone(settings: Settings) -> Backbone:
-    """Default BackboneLoader: device and dtype come from settings."""
+    """The backbone MOE_BACKBONE names; device and dtype come from settings."""
     source = resolve_backbone_folder(settings)
     device = pick_device(settings)
     dtype = pick_dtype(settings, device)

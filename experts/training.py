@@ -144,6 +144,31 @@ def mean_nll(
     return total / max(count, 1)
 
 
+def _total_steps(config: TrainConfig, examples: int) -> int:
+    total = math.ceil(examples / config.batch_size) * config.epochs
+    return total if config.max_steps is None else min(total, config.max_steps)
+
+
+def _warmup_cosine(optimizer: torch.optim.Optimizer, total_steps: int,
+                   warmup_ratio: float) -> torch.optim.lr_scheduler.LambdaLR:
+    """Linear warmup, then cosine decay to a tenth of the peak learning rate."""
+    warmup = max(1, int(total_steps * warmup_ratio))
+
+    def lr_factor(step: int) -> float:
+        if step < warmup:
+            return (step + 1) / warmup
+        progress = (step - warmup) / max(1, total_steps - warmup)
+        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+
+
+def _restore(params: Sequence[torch.nn.Parameter], state: dict[int, torch.Tensor]) -> None:
+    with torch.no_grad():
+        for p in params:
+            p.copy_(state[id(p)])
+
+
 def train_lora(
     model: torch.nn.Module,
     train: Sequence[TokenizedExample],
@@ -164,19 +189,8 @@ def train_lora(
     if not params:
         raise ValueError("model has no trainable parameters; wrap it with a LoRA config first")
     optimizer = torch.optim.AdamW(params, lr=config.learning_rate, weight_decay=config.weight_decay)
-    steps_per_epoch = math.ceil(len(train) / config.batch_size)
-    total_steps = steps_per_epoch * config.epochs
-    if config.max_steps is not None:
-        total_steps = min(total_steps, config.max_steps)
-    warmup = max(1, int(total_steps * config.warmup_ratio))
-
-    def lr_factor(step: int) -> float:
-        if step < warmup:
-            return (step + 1) / warmup
-        progress = (step - warmup) / max(1, total_steps - warmup)
-        return 0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * progress))
-
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, lr_factor)
+    total_steps = _total_steps(config, len(train))
+    scheduler = _warmup_cosine(optimizer, total_steps, config.warmup_ratio)
     model.train()
     losses: list[float] = []
     step = 0
@@ -212,9 +226,7 @@ def train_lora(
                 break
     if best_state is not None:
         logger.info("Keeping the best epoch's weights (held-out loss %.4f)", best_loss)
-        with torch.no_grad():
-            for p in params:
-                p.copy_(best_state[id(p)])
+        _restore(params, best_state)
         kept_loss = best_loss
     model.eval()
     return TrainResult(losses, kept_loss)

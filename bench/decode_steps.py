@@ -5,7 +5,7 @@ step by step instead of run by run.
 
 `bench.engine` runs each variant's whole batch in turn, so a neighbour's burst on this shared machine lands
 on one variant and not the other; its ratios moved by 10-20 points between runs minutes apart
-(docs/benchmarks.md, stop 13). Here every
+(docs/benchmarks.md). Here every
 variant holds its own batch and KV cache, and the loop advances them one decode step each, in turn: a
 burst spans all variants within ~0.5 s, and the median of the per-step ratios is stable to a point or two.
 This measures the model forward of a decode step (the multi-LoRA layer and the KV cache, the engine's

@@ -1,4 +1,4 @@
-"""The optional retrain trigger (issue 6): once `MOE_ROUTER_RETRAIN_AFTER_LABELS` new labels (feedback that
+"""The optional retrain trigger: once `MOE_ROUTER_RETRAIN_AFTER_LABELS` new labels (feedback that
 names an expert, forced-expert requests) have arrived since the newest router version, start one
 `retrain --from-logs` job. The candidate still has to win (gated promotion), so a trigger can never make
 routing worse; a rejected candidate counts as a version, so the next try waits for N more labels."""

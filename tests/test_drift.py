@@ -1,4 +1,4 @@
-"""Issue 6 on the real backbone and the shipped router: traffic drifts to a phrasing the router gets wrong
+"""Learning from traffic on the real backbone and the shipped router: traffic drifts to a phrasing the router gets wrong
 (health questions in Spanish), feedback corrects some of them, `retrain --from-logs` fixes the drift without
 hurting the other experts; a worse label set is rejected and the active router stays."""
 

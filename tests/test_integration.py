@@ -132,7 +132,7 @@ def test_cli_route_and_eval_qa(live, tmp_path):
 
 
 def test_register_fifth_domain_under_steady_traffic(live):
-    """Issue 5: a new domain (a farmers' cooperative advisory desk) trained from a small dataset goes live in a
+    """A new domain (a farmers' cooperative advisory desk) trained from a small dataset goes live in a
     running service under traffic."""
     import threading
 

@@ -187,7 +187,7 @@ def test_a_bordering_expert_may_take_part_of_an_old_domain():
 
 
 def test_skewed_traffic_does_not_collapse_the_router():
-    """Issue 6: retraining on traffic that is 60:1 one expert must keep the minority experts' recall (class-
+    """Retraining on traffic that is 60:1 one expert must keep the minority experts' recall (class-
     balanced batches plus the load-balancing loss), on overlapping clusters where a plain fit would drift."""
     torch.manual_seed(0)
     labels = ["finance", "legal", "medical", "support", BASE]

@@ -1,4 +1,4 @@
-"""Integration (issue 6): promotion and rollback through the admin API change the router the running service
+"""Integration: promotion and rollback through the admin API change the router the running service
 uses, at once and with no failed request, while clients keep sending /v1/route and routed chat requests."""
 
 from __future__ import annotations

@@ -117,7 +117,7 @@ def test_default_recipes_are_the_shipped_adapters_recipes():
     assert set(DEFAULT_RECIPES) == set(DEFAULT_DOMAINS) == set(shipped)
     for domain, (epochs, learning_rate) in DEFAULT_RECIPES.items():
         assert (shipped[domain]["epochs"], shipped[domain]["learning_rate"]) == (epochs, learning_rate), domain
-        assert shipped[domain]["reduction"] >= 0.25, domain  # issue 2's target for every default expert
+        assert shipped[domain]["reduction"] >= 0.25, domain  # the target for every default expert
 
 
 def test_expert_add_warns_when_the_expert_is_worse_than_the_backbone(settings, monkeypatch, capsys, tmp_path):

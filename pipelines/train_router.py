@@ -141,7 +141,8 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
             continue
         recall, moved = recall_outside(candidate, label, new_labels)
         if moved:
-            reasons.append(f"{label}: {moved} of {stats['support']} validation prompts now go to {', '.join(new_labels)}")
+            taken_by = ", ".join(new_labels)
+            reasons.append(f"{label}: {moved} of {stats['support']} validation prompts now go to {taken_by}")
         if before and recall < before["recall"] - MAX_RECALL_DROP:
             ok = False
             reasons.append(f"{label} recall {recall:.3f} dropped from {before['recall']:.3f}")

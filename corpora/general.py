@@ -213,27 +213,27 @@ SOURCES: list[Source] = [
     Source(
         name="clinc-general", repo="clinc/oos-eval", commit="828f8093932c8fe6ca7936c3d2e52903b1c523de",
         license="CC-BY-3.0", domain="general", role="train", kind="queries",
-        paths=("data/data_full.json",), parse=parse_clinc_in_scope, limit=1000,
+        paths=("data/data_full.json",), parse=parse_clinc_in_scope, limit=700,
         note="CLINC150 in-scope queries of 96 non-domain intents (travel, dining, home, commute, utility, work "
              "calendar, small talk, meta); keyword screen against health/money/legal/support words; sampled.",
     ),
     Source(
         name="clinc-general-oos", repo="clinc/oos-eval", commit="828f8093932c8fe6ca7936c3d2e52903b1c523de",
         license="CC-BY-3.0", domain="general", role="train", kind="queries",
-        paths=("data/data_full.json", "data/data_oos_plus.json"), parse=parse_clinc_oos,
+        paths=("data/data_full.json", "data/data_oos_plus.json"), parse=parse_clinc_oos, limit=700,
         note="CLINC150 out-of-scope queries (all splits, plus the oos_plus extra training set), keyword-screened.",
     ),
     Source(
         name="hwu64-general", repo="xliuhw/NLU-Evaluation-Data", commit="f6071b496b17d71e6eb43f543af0707f4ff30557",
         license="CC-BY-4.0", domain="general", role="train", kind="queries",
-        paths=HWU_PATHS, parse=parse_hwu, limit=1200,
+        paths=HWU_PATHS, parse=parse_hwu, limit=700,
         note="HWU64 home-assistant utterances (KFold_1 train+test csv = whole set), original user wording; 56 of "
              "64 intents (no email, stock, currency, complaint posts, takeaway status); keyword-screened; sampled.",
     ),
     Source(
         name="snips-general", repo="sonos/nlu-benchmark", commit="b86ac7f1577868c42158d0dec77db50956046696",
         license="CC0-1.0", domain="general", role="train", kind="queries",
-        paths=SNIPS_PATHS, parse=parse_snips, limit=500,
+        paths=SNIPS_PATHS, parse=parse_snips, limit=300,
         note="Snips 2017 custom-intent benchmark, 7 intents (playlist, restaurant booking, weather, music, "
              "book rating, creative-work search, cinema showtimes); full training files; sampled.",
     ),

@@ -182,7 +182,7 @@ SOURCES: list[Source] = [
     Source(
         name="clinc-support", repo="clinc/oos-eval", commit="828f8093932c8fe6ca7936c3d2e52903b1c523de",
         license="CC-BY-3.0", domain="support", role="train", kind="queries",
-        paths=("data/data_full.json",), parse=parse_clinc_support, limit=900,
+        paths=("data/data_full.json",), parse=parse_clinc_support, limit=600,
         note="CLINC150 banking and credit-card servicing intents (no credit-score / interest-rate advice) plus "
              "order, order_status, lost_luggage, travel_notification; all splits; sampled.",
     ),
@@ -190,7 +190,7 @@ SOURCES: list[Source] = [
         name="multidogo-support", repo="awslabs/multi-domain-goal-oriented-dialogues-dataset",
         commit="baa30639c4b271f394b81443c842193407cdf26d",
         license="CDLA-Permissive-1.0", domain="support", role="train", kind="queries",
-        paths=MULTIDOGO_PATHS, parse=parse_multidogo, limit=1200,
+        paths=MULTIDOGO_PATHS, parse=parse_multidogo, limit=700,
         note="MultiDoGO customer turns with a task intent (turn-level paper splits, all splits = the whole "
              "annotated set; airline, finance, insurance, media, software); greetings, slot answers, yes/no, "
              "thanks, flight booking and the fast-food vertical dropped.",
@@ -205,7 +205,7 @@ SOURCES: list[Source] = [
     Source(
         name="hint3-support", repo="hellohaptik/HINT3", commit="99965c892ea9a6801a87083d3861b0b04c91a4e7",
         license="ODbL-1.0", domain="support", role="train", kind="queries",
-        paths=HINT3_PATHS, parse=parse_hint3, limit=1000,
+        paths=HINT3_PATHS, parse=parse_hint3, limit=600,
         note="HINT3 v2 train+test: real user messages to 3 company bots (e-shop, fantasy-sports app, mattress "
              "shop); unlabelled noise, chit-chat, health/product-advice, product-feature and game-rule intents "
              "dropped; sampled.",

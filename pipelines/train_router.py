@@ -24,6 +24,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import InvalidInputError
 from core.settings import Settings
+from experts.seed import split_digest
 from pipelines.plots import save_confusion_matrix
 from pipelines.tracking import mlflow_run
 from registry import repository as repo
@@ -101,6 +102,19 @@ def load_labelled(session: Session, labels: Sequence[str]) -> tuple[LabelledSet,
         seen.add(key)
         (val if row.split == "val" else train).add(row.text, row.label, row.source)
     return train, val
+
+
+def augmented_rows(train: LabelledSet, per_label: int) -> list[int]:
+    """Rows that get a noisy variant: every row of a label with at most `per_label` rows (a new expert's few
+    prompts, log labels), a fixed hash-chosen `per_label` of a bigger one. Real text brings its own typos and
+    casing; variants matter most where a label has little data, and each one costs a backbone pass."""
+    by_label: dict[str, list[int]] = {}
+    for i, label in enumerate(train.labels):
+        by_label.setdefault(label, []).append(i)
+    chosen: list[int] = []
+    for members in by_label.values():
+        chosen += sorted(members, key=lambda i: split_digest(train.texts[i]))[:per_label]
+    return sorted(chosen)
 
 
 def recall_outside(metrics: dict, label: str, others: Sequence[str]) -> tuple[float, int]:
@@ -205,12 +219,13 @@ def train_router(
     missing = [label for label in experts if label not in train.labels]
     if missing:
         raise InvalidInputError(f"No training prompts for {missing} (all fell in the validation split); add more.")
-    augmented = augment(train.texts, seed=config.seed)
+    rows = augmented_rows(train, config.augment_per_label)
+    augmented = augment([train.texts[i] for i in rows], seed=config.seed)
     spec = settings.router_features
     logger.info("Encoding %d training (+%d augmented) and %d validation prompts (%s)",
                 len(train.texts), len(augmented), len(val.texts), spec.key)
     train_x = encode(train.texts + augmented, spec)
-    train_y = torch.tensor([labels.index(label) for label in train.labels * 2])
+    train_y = torch.tensor([labels.index(label) for label in train.labels + [train.labels[i] for i in rows]])
     val_x = encode(val.texts, spec)
     val_y = torch.tensor([labels.index(label) for label in val.labels], dtype=torch.long)
 
@@ -222,7 +237,7 @@ def train_router(
         # replayed rows: seed prompts of labels the active router knows (not log labels, not a new expert's)
         replay = [not source.startswith("log:") and label in active_router.labels
                   for source, label in zip(train.sources, train.labels, strict=True)]
-        anchor = torch.tensor(replay * 2)  # the augmented copies follow in the same order
+        anchor = torch.tensor(replay + [replay[i] for i in rows])  # the augmented copies follow, same order
     router = train_router_on_features(labels, train_x, train_y, val_x, val_y, spec, fingerprint, config, init=init,
                                       anchor=anchor)
     metrics = evaluate(router, val_x, val_y)

@@ -104,6 +104,8 @@ class Gate(nn.Module):
                 if label in self.config.labels:
                     i = self.config.labels.index(label)
                     new.net[3].weight[j], new.net[3].bias[j] = old_w[i], old_b[i]
+                    if self.config.prototype_dims:  # a warm start's teacher must score exactly as this gate
+                        new.prototypes[j] = self.prototypes[i]
                 else:
                     new.net[3].weight[j], new.net[3].bias[j] = old_w.mean(0), old_b.mean() - 1.0
         return new

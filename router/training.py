@@ -67,6 +67,8 @@ class RouterTrainConfig:
     """The abstain threshold may turn at most this share of correct validation decisions into abstentions. Real
     queries from other sources are less confident than the validation split: at 0.01 the threshold sent 7.7% of
     real in-domain dev queries to `base` (3.8% without abstention), docs/benchmarks.md."""
+    augment_per_label: int = 1000
+    """At most this many training prompts per label also get a noisy variant (router.augment)."""
     prototype_scale: float = 10.0
     """Weight of the prototype scores in the gate's logits when the features end with a sentence embedding
     (GateConfig.prototype_scale); 0 = an MLP alone."""

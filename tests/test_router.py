@@ -290,3 +290,35 @@ def test_packaged_sentence_encoder_embeds_meaning():
     assert x.shape == (3, 384)
     torch.testing.assert_close(x.norm(dim=-1), torch.ones(3))
     assert float(x[0] @ x[1]) > float(x[0] @ x[2]) + 0.2
+
+
+def test_prototypes_score_columns_and_survive_a_grown_gate():
+    """A column's prototype (mean training embedding) adds its cosine to the logit; growing the gate for a new
+    expert keeps every old column's score exactly, so a warm start distils from the gate that was serving."""
+    from router.gate import Gate, GateConfig
+
+    torch.manual_seed(0)
+    config = GateConfig(labels=["a", "b", BASE], input_size=6, layers=[1], prototype_dims=4, prototype_scale=10.0)
+    gate = Gate(config).eval()
+    features = torch.randn(30, 6)
+    labels = torch.arange(30) % 3
+    gate.set_prototypes(features, labels)
+    mlp_only = gate.net((features - gate.feature_mean) / gate.feature_std)
+    embedding = torch.nn.functional.normalize(features[:, -4:], dim=-1)
+    torch.testing.assert_close(gate(features) - mlp_only, 10.0 * embedding @ gate.prototypes.T)
+    assert torch.allclose(gate.prototypes.norm(dim=-1), torch.ones(3))
+    grown = gate.grow(["a", "b", "c", BASE]).eval()
+    torch.testing.assert_close(grown(features)[:, [0, 1, 3]], gate(features))
+
+
+def test_small_labels_get_every_row_augmented_big_ones_a_fixed_share():
+    from pipelines.train_router import LabelledSet, augmented_rows
+
+    train = LabelledSet()
+    for i in range(6):
+        train.add(f"big label prompt {i}", "a", "seed")
+    for i in range(2):
+        train.add(f"small label prompt {i}", "b", "seed")
+    rows = augmented_rows(train, per_label=3)
+    assert [train.labels[i] for i in rows].count("a") == 3 and [train.labels[i] for i in rows].count("b") == 2
+    assert rows == sorted(rows) == augmented_rows(train, per_label=3)  # fixed: the feature cache keeps hitting

@@ -95,6 +95,9 @@ def scratch_service(settings: Settings) -> Iterator[tuple[Settings, object, obje
     with tempfile.TemporaryDirectory() as home:
         local = settings.model_copy(update={"home": Path(home), "database_url": None, "mlflow_tracking_uri": None,
                                             "mlflow_artifact_root": None})
+        # the converted backbone and the routing-feature cache are the user's: reruns encode only new texts
+        settings.cache_dir.mkdir(parents=True, exist_ok=True)
+        (Path(home) / "cache").symlink_to(settings.cache_dir, target_is_directory=True)
         local.ensure_dirs()
         backbone = load_backbone(local)
         sessions = session_factory(local)
@@ -163,8 +166,6 @@ def learning_loop(local: Settings, sessions, backbone, routing, half_a: list[Dev
                   half_b: list[DevQuery]) -> dict:
     """Half A through the HTTP app (one token each), its labels as feedback, a retrain from logs; half B scored
     before and after."""
-    import copy
-
     from fastapi.testclient import TestClient
 
     from api.app import create_app
@@ -196,7 +197,7 @@ def learning_loop(local: Settings, sessions, backbone, routing, half_a: list[Dev
     finally:
         writer.stop()
         pool.close()
-    report = retrain_from_logs(local, sessions, backbone_encoder(local, copy.copy(backbone)), backbone.fingerprint)
+    report = retrain_from_logs(local, sessions, backbone_encoder(local, backbone), backbone.fingerprint)
     routing.refresh()
     after = routing_scores(half_b, product_routes(routing, [q.text for q in half_b]))
     return {"feedback_labels": sent, "promoted": report.promoted, "reasons": report.reasons,
@@ -241,12 +242,20 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--skip-loop", action="store_true", help="leave out the learning loop (the slowest part)")
     parser.add_argument("--skip-qa", action="store_true", help="leave out the answer NLL")
     parser.add_argument("--qa-per-domain", type=int, default=None, help="score at most this many QA pairs per domain")
+    parser.add_argument("--routing-per-domain", type=int, default=None,
+                        help="route at most this many dev queries per domain (a quick smoke run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     for noisy in ("alembic", "httpx", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.manual_seed(0)
     queries = load_routing()
+    if args.routing_per_domain:
+        kept: dict[str, list[DevQuery]] = defaultdict(list)
+        for query in sorted(queries, key=lambda q: split_digest(q.text)):
+            if len(kept[query.domain]) < args.routing_per_domain:
+                kept[query.domain].append(query)
+        queries = [q for group in kept.values() for q in group]
     report: dict = {"n_routing": dict(Counter(q.domain for q in queries)),
                     "sources": dict(Counter(q.source for q in queries))}
     with scratch_service(Settings()) as (local, sessions, backbone):

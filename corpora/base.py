@@ -118,6 +118,16 @@ def clean_text(text: str) -> str:
     return _BLANK_LINES.sub("\n\n", "\n".join(lines)).strip()
 
 
+_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
+_LONE_I = re.compile(r"\bi\b(?=['\s,.!?]|$)")
+
+
+def recase(text: str) -> str:
+    """For sources a scraper or export lower-cased: give back sentence-initial capitals and `I` (nothing else)."""
+    text = _LONE_I.sub("I", text)
+    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
+
+
 def normalise(text: str) -> str:
     """The key near-duplicates share: lower case, letters and digits only, single spaces."""
     return " ".join(re.sub(r"[^a-z0-9]+", " ", text.lower()).split())

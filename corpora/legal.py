@@ -15,7 +15,7 @@ import json
 import re
 from collections.abc import Iterator
 
-from corpora.base import Files, Record, Source
+from corpora.base import Files, Record, Source, recase
 
 # --- Legal Navigator LUIS model --------------------------------------------------------------------------------
 
@@ -33,14 +33,6 @@ _QUESTION_START = re.compile(
     r"^(i|i'm|im|my|we|our|me|can|could|do|does|did|is|are|am|was|will|would|should|what|when|where|who|whom|"
     r"why|how|if|which|must|may|after|before|a|an|the|as|no|he|she|they|landlord|someone)\b"
 )
-_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
-_LONE_I = re.compile(r"\bi\b(?=['\s,.!?]|$)")
-
-
-def _recase(text: str) -> str:
-    """The LUIS export is lower-cased: give back sentence-initial capitals and `I` (nothing else)."""
-    text = _LONE_I.sub("I", text)
-    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
 
 
 def _is_question(text: str) -> bool:
@@ -64,7 +56,7 @@ def parse_legal_navigator(files: Files) -> Iterator[Record]:
         text = re.sub(r"\s+([?.,!])", r"\1", text)
         if not _is_question(text):
             continue
-        yield Record(_recase(text))
+        yield Record(recase(text))
 
 
 # --- Worker.gov (DOL / DOJ / EEOC / NLRB) -------------------------------------------------------------------

@@ -16,19 +16,10 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator
 
-from corpora.base import Files, Record, Source, csv_rows, json_lines
+from corpora.base import Files, Record, Source, csv_rows, json_lines, recase
 
 # --- helpers --------------------------------------------------------------------------------------------------
 
-_SENTENCE_START = re.compile(r"(^|[.!?]\s+)([a-z])")
-_LONE_I = re.compile(r"\bi\b(?=['\s,.!?]|$)")
-
-
-def _recase(text: str) -> str:
-    """The LasseRegin answers were lower-cased by the scraper: give back sentence-initial capitals and `I`
-    (nothing else is changed)."""
-    text = _LONE_I.sub("I", text)
-    return _SENTENCE_START.sub(lambda m: m.group(1) + m.group(2).upper(), text)
 
 
 _XLSX_NS = {"m": "http://schemas.openxmlformats.org/spreadsheetml/2006/main"}
@@ -86,7 +77,7 @@ def _lasse_items(files: Files, paths: tuple[str, ...]) -> Iterator[tuple[str, st
             answer = _LINK_TAIL.sub("", _ICLINIQ_TAIL.sub("", answer)).strip()
             key = " ".join(question.lower().split())
             if key not in best or len(answer) > len(best[key][1]):
-                best[key] = (question, _recase(answer))
+                best[key] = (question, recase(answer))
     yield from best.values()
 
 

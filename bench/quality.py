@@ -66,8 +66,7 @@ def routing_scores(queries: Sequence[DevQuery], predicted: Sequence[str], base: 
     for domain, pairs in sorted(by_domain.items()):
         out[domain] = {"n": len(pairs), "top1": round(float(np.mean([p == t for p, t in pairs])), 4),
                        "to_base": round(float(np.mean([p == base for p, _ in pairs])), 4)}
-    in_domain = [(p, t) for q, p in zip(queries, predicted, strict=True) if q.domain != OUT_OF_DOMAIN
-                 for t in [q.domain]]
+    in_domain = [(p, q.domain) for q, p in zip(queries, predicted, strict=True) if q.domain != OUT_OF_DOMAIN]
     out["in_domain"] = {"n": len(in_domain), "top1": round(float(np.mean([p == t for p, t in in_domain])), 4),
                         "to_base": round(float(np.mean([p == base for p, _ in in_domain])), 4),
                         # every domain counts the same, however many dev queries its sources gave

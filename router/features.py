@@ -6,7 +6,7 @@ that owns its backbone copy drops the rest with `truncate`), and/or the embeddin
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -24,6 +24,15 @@ class _StopForward(Exception):
 def decoder_layers(model: PreTrainedModel) -> nn.ModuleList:
     decoder = model.get_decoder() if hasattr(model, "get_decoder") else model.model
     return decoder.layers
+
+
+def longest_first_batches(texts: Sequence[str], batch_size: int, desc: str, progress: bool) -> Iterator[list[int]]:
+    """Indices of `texts` in batches, longest text first: each batch pads little; callers write results back by
+    index, which restores the original order."""
+    order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
+    starts = range(0, len(order), batch_size)
+    for start in tqdm(starts, desc=desc, unit="batch", disable=not progress):
+        yield order[start : start + batch_size]
 
 
 def layers_key(layers: Sequence[int]) -> str:
@@ -151,12 +160,8 @@ class FeatureEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 32, progress: bool = False) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.output_size)
-        # Longest first: batches pad little; the original order is restored at the end.
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))
         out = torch.zeros(len(texts), self.output_size)
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="route features", unit="batch", disable=not progress):
-            index = order[start : start + batch_size]
+        for index in longest_first_batches(texts, batch_size, "route features", progress):
             batch = self.tokenizer(
                 [texts[i] or " " for i in index], return_tensors="pt", padding=True, truncation=True,
                 max_length=self.max_tokens, add_special_tokens=False,

@@ -12,10 +12,10 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
-from tqdm.auto import tqdm
 from transformers import AutoModel, AutoTokenizer
 
 from core.errors import ModelUnavailableError
+from router.features import longest_first_batches
 
 logger = logging.getLogger(__name__)
 
@@ -73,11 +73,8 @@ class SentenceEncoder:
     def encode(self, texts: Sequence[str], batch_size: int = 64, progress: bool = False) -> torch.Tensor:
         if not texts:
             return torch.zeros(0, self.output_size)
-        order = sorted(range(len(texts)), key=lambda i: -len(texts[i]))  # longest first: little padding
         out = torch.zeros(len(texts), self.output_size)
-        starts = range(0, len(order), batch_size)
-        for start in tqdm(starts, desc="sentence features", unit="batch", disable=not progress):
-            index = order[start : start + batch_size]
+        for index in longest_first_batches(texts, batch_size, "sentence features", progress):
             batch = self.tokenizer([texts[i] or " " for i in index], return_tensors="pt", padding=True,
                                    truncation=True, max_length=self.max_tokens).to(self.device)
             hidden = self.model(**batch).last_hidden_state  # [B, T, D]

@@ -56,7 +56,7 @@ def error_response(status: int, message: str, code: str, param: str | None = Non
 
 
 def moe_error_body(exc: MoEError) -> dict[str, Any]:
-    return error_body(exc.status_code, exc.message, exc.code)
+    return error_body(exc.status_code, exc.message, exc.code, exc.param)
 
 
 def moe_error_response(exc: MoEError) -> JSONResponse:

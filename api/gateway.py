@@ -16,11 +16,13 @@ from transformers import PreTrainedTokenizerBase
 
 from api.metrics import Metrics
 from api.privacy import loggable_prompt, prompt_hash
+from api.request_fields import logit_bias, plain_messages, refuse_unsupported
 from api.schemas import ChatCompletionRequest, CompletionRequest
 from core.errors import ExpertNotFoundError, InvalidInputError, MoEError, NotFoundError, PromptTooLongError
 from core.settings import Settings
 from experts.data import render_prompt, routing_text
-from experts.engine import GenerationRequest, SamplingParams, TokenEvent
+from experts.engine import GenerationRequest, SamplingParams, TokenEvent, TokenLogprob
+from experts.multi_lora import Mixture
 from registry import repository as repo
 from registry.request_log import RequestLogWriter
 from router.gate import BASE
@@ -30,6 +32,8 @@ from serving.route_batcher import RouteBatcher
 logger = logging.getLogger(__name__)
 
 GREEDY_BELOW = 1e-6
+# The request log keeps the OpenAI `user` once the registry has the column (migration 0002); before that the
+# row must not carry the key, or the database refuses the whole row.
 
 
 class PoolClient(Protocol):
@@ -49,8 +53,9 @@ class PoolClient(Protocol):
 class Dispatch:
     """A validated request, ready to generate."""
 
-    request: GenerationRequest
-    """What the pool generates (its request_id is the response's id)."""
+    requests: list[GenerationRequest]
+    """What the pool generates: one request per prompt (a completions prompt list has several), each with n
+    choices; choice `p * n + k` is choice k of prompt p. The first request's id is the response's id."""
     endpoint: str
     model: str
     experts: list[tuple[str, float]]
@@ -61,11 +66,24 @@ class Dispatch:
     route_text: str
     """The user text the router read; this (not the templated prompt) is what the log keeps."""
     pool: PoolClient
+    user: str | None = None
     started: float = field(default_factory=time.perf_counter)
 
     @property
     def request_id(self) -> str:
-        return self.request.request_id
+        return self.requests[0].request_id
+
+    @property
+    def n(self) -> int:
+        return self.requests[0].params.n
+
+    @property
+    def choices(self) -> int:
+        return len(self.requests) * self.n
+
+    @property
+    def prompt_tokens(self) -> int:
+        return sum(len(r.prompt_ids) for r in self.requests)
 
 
 class Gateway:
@@ -117,29 +135,42 @@ class Gateway:
             )
         return ids
 
-    def _sampling(self, body: ChatCompletionRequest | CompletionRequest) -> SamplingParams:
-        max_tokens = body.max_tokens or min(self.settings.default_max_tokens, self.settings.max_new_tokens)
+    def _sampling(self, body: ChatCompletionRequest | CompletionRequest, prompts: int) -> SamplingParams:
+        name = "max_completion_tokens" if body.max_completion_tokens else "max_tokens"
+        asked = body.max_completion_tokens or body.max_tokens
+        max_tokens = asked or min(self.settings.default_max_tokens, self.settings.max_new_tokens)
         if max_tokens > self.settings.max_new_tokens:
             raise InvalidInputError(
-                f"max_tokens={max_tokens} exceeds the limit {self.settings.max_new_tokens} (MOE_MAX_NEW_TOKENS)."
-            )
+                f"{name}={max_tokens} exceeds the limit {self.settings.max_new_tokens} (MOE_MAX_NEW_TOKENS).",
+                param=name)
+        if body.n * prompts > self.settings.max_batch_size:  # the choices must fit one batch of the engine
+            raise InvalidInputError(
+                f"n={body.n} x {prompts} prompt(s) asks for more choices than one batch holds "
+                f"({self.settings.max_batch_size}, MOE_MAX_BATCH_SIZE).", param="n")
         # Sampling runs in float32: a temperature or top_p below ~1e-38 underflows (NaN probabilities, or a
         # nucleus with no token). Values that small mean "always the top token", so they are greedy.
         greedy = body.temperature < GREEDY_BELOW or body.top_p < GREEDY_BELOW
-        return SamplingParams(max_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
-                              top_p=1.0 if greedy else body.top_p, stop=tuple(body.stop or ()), seed=body.seed)
+        return SamplingParams(
+            max_tokens=max_tokens, temperature=0.0 if greedy else body.temperature,
+            top_p=1.0 if greedy else body.top_p, stop=tuple(body.stop or ()), seed=body.seed, n=body.n,
+            logprobs=body.logprob_count(), presence_penalty=body.presence_penalty,
+            frequency_penalty=body.frequency_penalty, repetition_penalty=body.repetition_penalty,
+            logit_bias=logit_bias(body.logit_bias, len(self.tokenizer)),
+        )
 
-    async def prepare(self, body: ChatCompletionRequest | CompletionRequest) -> Dispatch:
+    def _inputs(self, body: ChatCompletionRequest | CompletionRequest) -> tuple[list[list[int]], str, str]:
+        """(token ids of each prompt, the text the router reads, the endpoint name)."""
         if isinstance(body, ChatCompletionRequest):
-            messages = [m.model_dump() for m in body.messages]
-            prompt_text, route_text, endpoint = render_prompt(self.tokenizer, messages), routing_text(messages), "chat"
-        else:
-            prompt_text, route_text, endpoint = body.prompt, body.prompt, "completions"
-        prompt_ids = self._tokens(prompt_text)
-        params = self._sampling(body)
-        request_id = "req-" + uuid.uuid4().hex
+            messages = plain_messages(body.messages)
+            return [self._tokens(render_prompt(self.tokenizer, messages))], routing_text(messages), "chat"
+        # a prompt list is routed as one text: the response has one `moe` object, so one mixture for all
+        return [self._tokens(p) for p in body.prompts], "\n\n".join(body.prompts), "completions"
+
+    async def _decide(self, model: str, route_text: str) -> tuple[Mixture, list[tuple[str, float]], float | None,
+                                                                  int | None, str | None, PoolClient]:
+        """(mixture, experts reported, confidence, router version, forced expert, pool) for `model`."""
         placement = await self.refresh_placement()
-        if body.model == "auto":
+        if model == "auto":
             # off the event loop: other requests keep streaming while this one is routed
             decision = await self.route_batcher.route(route_text, None)
             pool = None
@@ -151,33 +182,72 @@ class Gateway:
             # Keep the experts that live in the top expert's pool (top-k across pools would need two passes);
             # an expert no pool serves is dropped and the bare backbone answers for its share.
             mixture = [(n, w) for n, w in decision.mixture if pool is not None and placement.get(n) is pool]
-            experts, confidence, version, forced = decision.experts, decision.confidence, self.routing.version, None
-        elif body.model == BASE:
-            mixture, experts, confidence, version, forced = [], [(BASE, 1.0)], None, None, BASE
-            pool = None
-        else:
-            if body.model not in placement:
-                placement = await self.refresh_placement(force=True)
-            if body.model not in placement:
-                raise ExpertNotFoundError(
-                    f"The model {body.model!r} does not exist; GET /v1/models lists 'auto' and the experts."
-                )
-            mixture = experts = [(body.model, 1.0)]
-            confidence, version, forced, pool = None, None, body.model, placement[body.model]
-        if pool is None:
-            pool = self.pools[0]  # bare backbone: any pool serves it
-        request = GenerationRequest(prompt_ids, mixture, params, request_id)
-        return Dispatch(request, endpoint, body.model, experts, version, confidence, forced, route_text, pool)
+            return (mixture, decision.experts, decision.confidence, self.routing.version, None,
+                    self.pools[0] if pool is None else pool)  # bare backbone: any pool serves it
+        if model == BASE:
+            return [], [(BASE, 1.0)], None, None, BASE, self.pools[0]
+        if model not in placement:
+            placement = await self.refresh_placement(force=True)
+        if model not in placement:
+            raise ExpertNotFoundError(
+                f"The model {model!r} does not exist; GET /v1/models lists 'auto' and the experts."
+            )
+        return [(model, 1.0)], [(model, 1.0)], None, None, model, placement[model]
+
+    async def prepare(self, body: ChatCompletionRequest | CompletionRequest) -> Dispatch:
+        refuse_unsupported(body)
+        prompt_ids, route_text, endpoint = self._inputs(body)
+        params = self._sampling(body, len(prompt_ids))
+        request_id = "req-" + uuid.uuid4().hex
+        mixture, experts, confidence, version, forced, pool = await self._decide(body.model, route_text)
+        requests = [GenerationRequest(ids, mixture, params, request_id if p == 0 else f"{request_id}-{p}")
+                    for p, ids in enumerate(prompt_ids)]
+        return Dispatch(requests, endpoint, body.model, experts, version, confidence, forced, route_text, pool,
+                        body.user)
 
     # ---- generating --------------------------------------------------------------------
+    async def _events(self, dispatch: Dispatch, coalesce: bool) -> AsyncIterator[TokenEvent]:
+        """The pool's events for every prompt of the dispatch, each re-indexed to its choice in the response."""
+        if len(dispatch.requests) == 1:
+            async for event in dispatch.pool.stream(dispatch.requests[0], coalesce):
+                yield event
+            return
+        merged: asyncio.Queue[TokenEvent | BaseException | None] = asyncio.Queue()
+
+        async def pump(position: int, request: GenerationRequest) -> None:
+            try:
+                async for event in dispatch.pool.stream(request, coalesce):
+                    merged.put_nowait(replace(event, index=position * dispatch.n + event.index))
+            except Exception as exc:  # re-raised in the consumer, where the gateway logs and maps it
+                merged.put_nowait(exc)
+            finally:
+                merged.put_nowait(None)
+
+        tasks = [asyncio.create_task(pump(p, r)) for p, r in enumerate(dispatch.requests)]
+        try:
+            running = len(tasks)
+            while running:
+                item = await merged.get()
+                if item is None:
+                    running -= 1
+                elif isinstance(item, BaseException):
+                    raise item
+                else:
+                    yield item
+        finally:  # the client left or a prompt failed: the other prompts' rows are cancelled too
+            for task in tasks:
+                task.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)
+
     async def stream(self, dispatch: Dispatch, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
-        """Events from the pool; with `coalesce` (a non-streamed answer) the pool sends one final event carrying
-        the whole text. Whatever happens, the request is logged and counted once."""
-        last: TokenEvent | None = None
+        """Events from the pool, choices interleaved (`index`); with `coalesce` (a non-streamed answer) the pool
+        sends one final event per choice carrying its whole text. Whatever happens, the request is logged and
+        counted once."""
+        latest: dict[int, TokenEvent] = {}
         status, error = 200, None
         try:
-            async for event in dispatch.pool.stream(dispatch.request, coalesce):
-                last = event
+            async for event in self._events(dispatch, coalesce):
+                latest[event.index] = event
                 if event.finish_reason == "error":
                     status, error = 500, event.error
                 yield event
@@ -192,24 +262,30 @@ class Gateway:
             status, error = 500, repr(exc)
             raise
         finally:
-            self.record(dispatch, last, status, error)
+            self.record(dispatch, sum(e.completion_tokens for e in latest.values()), status, error)
 
-    async def complete(self, dispatch: Dispatch) -> TokenEvent:
-        """The whole answer: the final event, its text the joined completion. A failed generation raises."""
-        parts: list[str] = []
-        last = TokenEvent(dispatch.request_id, "", None, 0, 0)
+    async def complete(self, dispatch: Dispatch) -> list[TokenEvent]:
+        """The whole answer: each choice's final event in index order, its text (and logprobs) the joined
+        completion. A failed generation raises."""
+        parts: dict[int, list[str]] = {}
+        logprobs: dict[int, list[TokenLogprob]] = {}
+        finals: dict[int, TokenEvent] = {}
         async for event in self.stream(dispatch, coalesce=True):
-            parts.append(event.text)
-            last = event
-        if last.finish_reason == "error":
-            raise MoEError(f"Generation failed: {last.error}")
-        return replace(last, text="".join(parts))
+            parts.setdefault(event.index, []).append(event.text)
+            if event.logprobs is not None:
+                logprobs.setdefault(event.index, []).extend(event.logprobs)
+            if event.finish_reason is not None:
+                finals[event.index] = event
+        failed = [e for e in finals.values() if e.finish_reason == "error"]
+        if failed or len(finals) < dispatch.choices:
+            raise MoEError(f"Generation failed: {failed[0].error if failed else 'a choice did not finish'}")
+        return [replace(finals[i], text="".join(parts[i]), logprobs=logprobs.get(i, finals[i].logprobs))
+                for i in sorted(finals)]
 
-    def record(self, dispatch: Dispatch, last: TokenEvent | None, status: int, error: str | None) -> None:
+    def record(self, dispatch: Dispatch, completion_tokens: int, status: int, error: str | None) -> None:
         latency_ms = (time.perf_counter() - dispatch.started) * 1000
-        prompt_tokens = len(dispatch.request.prompt_ids)
-        completion_tokens = last.completion_tokens if last is not None else 0
-        self.log_writer.log({
+        prompt_tokens = dispatch.prompt_tokens
+        row = {
             "request_id": dispatch.request_id,
             "endpoint": dispatch.endpoint,
             "model": dispatch.model,
@@ -224,7 +300,9 @@ class Gateway:
             "latency_ms": latency_ms,
             "status_code": status,
             "error": error,
-        })
+            "user": dispatch.user,
+        }
+        self.log_writer.log(row)
         self.metrics.observe_request(
             dispatch.endpoint, dispatch.experts[0][0] if dispatch.experts else BASE, status,
             prompt_tokens, completion_tokens, latency_ms / 1000,

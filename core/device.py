@@ -7,10 +7,12 @@ import functools
 import logging
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import torch
 
-from core.settings import Settings
+if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
+    from core.settings import Settings
 
 logger = logging.getLogger(__name__)
 

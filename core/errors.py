@@ -15,9 +15,11 @@ class MoEError(Exception):
     """Set when the request got as far as the request log: the client can quote it (X-MoE-Request-Id;
     Ray Serve owns X-Request-Id and overwrites it with its own id)."""
 
-    def __init__(self, message: str) -> None:
+    def __init__(self, message: str, param: str | None = None) -> None:
         super().__init__(message)
         self.message = message
+        self.param = param
+        """The request field at fault (OpenAI's `error.param`), when there is one."""
 
 
 class InvalidInputError(MoEError):
@@ -25,6 +27,13 @@ class InvalidInputError(MoEError):
 
     status_code = 400
     code = "invalid_request"
+
+
+class UnsupportedFieldError(InvalidInputError):
+    """A request field this server understands but does not implement (tools, response_format, ...): refused
+    rather than ignored, because ignoring it would change the answer silently."""
+
+    code = "unsupported_field"
 
 
 class PromptTooLongError(InvalidInputError):

@@ -128,6 +128,8 @@ class RequestLog(Base):
     latency_ms: Mapped[float] = mapped_column(Float, default=0.0)
     status_code: Mapped[int] = mapped_column(Integer, default=200)
     error: Mapped[str | None] = mapped_column(Text, nullable=True)
+    user: Mapped[str | None] = mapped_column(String(256), nullable=True)
+    """The OpenAI request's `user` (the caller's end-user id), as sent."""
 
 
 class Feedback(Base):

@@ -81,15 +81,16 @@ class ExpertPoolCore:
 
     async def stream(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
         """The request's events as the engine produces them; with `coalesce` (a non-streamed answer) one final
-        event whose text is the whole completion."""
+        event per choice, its text the whole completion."""
         if not coalesce:
             async for event in self.engine.stream(request):
                 yield event
             return
-        # A non-streamed answer crosses the Ray boundary once, not once per token, and wakes this replica's
-        # event loop once: with 16 clients decoding together, per-token events are what the service pays over
-        # the engine.
-        yield await self.engine.complete(request)
+        # A non-streamed answer crosses the Ray boundary once per choice, not once per token, and wakes this
+        # replica's event loop once: with 16 clients decoding together, per-token events are what the service
+        # pays over the engine.
+        for event in await self.engine.complete_all(request):
+            yield event
 
     def close(self) -> None:
         self.engine.stop()

@@ -13,6 +13,7 @@ from api.auth import check_api_key
 from api.errors import QUERY_ERRORS, documented_errors
 from api.gateway import Gateway
 from api.openai_format import OpenAIFormatter, expert_weights
+from api.request_fields import plain_messages
 from api.schemas import (
     ChatCompletionRequest,
     ChatCompletionResponse,
@@ -39,7 +40,7 @@ _STREAMED = {200: {"description": "A completion; with stream=true, server-sent e
 async def answer(gw: Gateway, body: ChatCompletionRequest | CompletionRequest, chat: bool):
     """Prepare, generate and format one completion request, streamed or whole."""
     dispatch = await gw.prepare(body)
-    formatter = OpenAIFormatter(dispatch, chat)
+    formatter = OpenAIFormatter(dispatch, chat, include_usage=body.include_usage)
     if not body.stream:
         return formatter.response(await gw.complete(dispatch))
     # The first event is awaited before the response starts, so a full queue or a failing pool is a
@@ -77,7 +78,7 @@ def build_openai_router(get_gateway: Callable[[], Gateway]) -> APIRouter:
     async def route(body: RouteRequest, gw: Gateway = Depends(api_key)) -> RouteResponse:
         if (body.text is None) == (body.messages is None):
             raise InvalidInputError("Send exactly one of 'text' or 'messages'.")
-        text = body.text if body.text is not None else routing_text([m.model_dump() for m in body.messages])
+        text = body.text if body.text is not None else routing_text(plain_messages(body.messages))
         decision = await gw.route_only(text, body.top_k)
         return RouteResponse(experts=expert_weights(decision.experts), confidence=round(decision.confidence, 4),
                              abstained=decision.abstained, router_version=gw.routing.version)

@@ -10,13 +10,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from experts.engine.request import GenerationRequest, Sink
+from experts.engine.request import GenerationRequest, Sink, TokenLogprob
 from experts.kv_cache import GrowingCache
 
 
 @dataclass
 class Row:
-    """One request while the engine holds it."""
+    """One choice of a request while the engine holds it (a request with n choices is n rows)."""
 
     request: GenerationRequest
     sink: Sink
@@ -24,6 +24,10 @@ class Row:
     generated: list[int] = field(default_factory=list)
     emitted_chars: int = 0
     cancelled: bool = False
+    index: int = 0
+    """Which of the request's n choices this row decodes."""
+    pending_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """Logprobs of tokens whose text is still held back; they leave with the row's next event."""
 
     @property
     def position(self) -> int:

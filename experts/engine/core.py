@@ -15,14 +15,12 @@ import queue
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 
 from core.device import release_openmp_pool
 from core.errors import ExpertNotFoundError, InvalidInputError
-from core.settings import Settings
-from experts.adapters import LoraWeights
-from experts.backbone import Backbone
 from experts.engine.batch import Row, RunningBatch, left_padded
 from experts.engine.output import OutputProcessor
 from experts.engine.request import Completion, GenerationRequest, Sink, TokenEvent, joining_sink
@@ -30,6 +28,11 @@ from experts.engine.sampler import sample
 from experts.engine.scheduler import Scheduler
 from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
+
+if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
+    from core.settings import Settings
+    from experts.adapters import LoraWeights
+    from experts.backbone import Backbone
 
 logger = logging.getLogger(__name__)
 
@@ -53,7 +56,8 @@ class GenerationEngine:
         self.batch = RunningBatch()
         self.output = OutputProcessor(self.tokenizer, self.max_positions)
         self._commands: queue.Queue[tuple[Callable[[], None], threading.Event]] = queue.Queue()
-        self._by_id: dict[str, Row] = {}
+        self._by_id: dict[str, list[Row]] = {}
+        """Each request's rows (its n choices) that have not finished yet."""
         self._pending_removals: set[str] = set()
         self._thread: threading.Thread | None = None
         self._stopping = threading.Event()
@@ -130,50 +134,60 @@ class GenerationEngine:
                 f"({self.max_positions})."
             )
 
+    def _generator(self, seed: int | None, choice: int) -> torch.Generator | None:
+        """Choice k of a seeded request draws from seed + k: the n choices differ and each is reproducible."""
+        if seed is None:
+            return None
+        return torch.Generator(device=self.device).manual_seed(seed if choice == 0 else (seed + choice) % 2**64)
+
     def submit(self, request: GenerationRequest, sink: Sink) -> None:
+        """Queue the request's n rows together, so they are admitted into the same batch when there is room."""
         self.validate(request)
-        self.scheduler.check_room()
-        generator = None
-        if request.params.seed is not None:
-            generator = torch.Generator(device=self.device).manual_seed(request.params.seed)
-        row = Row(request=request, sink=sink, generator=generator)
-        self._by_id[request.request_id] = row
-        self.scheduler.add(row)
+        self.scheduler.check_room(request.params.n)
+        rows = [Row(request=request, sink=sink, generator=self._generator(request.params.seed, k), index=k)
+                for k in range(request.params.n)]
+        self._by_id[request.request_id] = rows
+        for row in rows:
+            self.scheduler.add(row)
 
     def cancel(self, request_id: str) -> None:
-        row = self._by_id.get(request_id)
-        if row is not None:
+        for row in self._by_id.get(request_id, []):
             row.cancelled = True
 
     async def stream(self, request: GenerationRequest) -> AsyncIterator[TokenEvent]:
-        """Yield events as tokens are produced; leaving early cancels the request."""
+        """Yield events as tokens are produced (the n choices interleaved, told apart by `index`) until every
+        choice has finished; leaving early cancels the request."""
         loop = asyncio.get_running_loop()
         events: asyncio.Queue[TokenEvent] = asyncio.Queue()
         self.submit(request, lambda event: loop.call_soon_threadsafe(events.put_nowait, event))
-        finished = False
+        running = request.params.n
         try:
-            while True:
+            while running:
                 event = await events.get()
                 if event.finish_reason is not None:
-                    finished = True
+                    running -= 1
                 yield event
-                if finished:
-                    return
         finally:
-            if not finished:
+            if running:
                 self.cancel(request.request_id)
 
     async def complete(self, request: GenerationRequest) -> TokenEvent:
-        """Wait for the whole answer: the finish event, its text the whole completion. The pieces are joined on
-        the engine thread and the caller's event loop wakes once per request, not once per token: with 16
-        rows decoding, per-token wake-ups put the loop thread on the cores between the decode step's
-        OpenMP regions. Cancelling the caller cancels the request."""
+        """The whole answer of a one-choice request (see complete_all)."""
+        return (await self.complete_all(request))[0]
+
+    async def complete_all(self, request: GenerationRequest) -> list[TokenEvent]:
+        """Wait for the whole answer: each choice's finish event, its text the whole completion, in index order.
+        The pieces are joined on the engine thread and the caller's event loop wakes once per choice, not once
+        per token: with 16 rows decoding, per-token wake-ups put the loop thread on the cores between the
+        decode step's OpenMP regions. Cancelling the caller cancels the request."""
         loop = asyncio.get_running_loop()
-        done: asyncio.Future[TokenEvent] = loop.create_future()
+        done: asyncio.Future[list[TokenEvent]] = loop.create_future()
+        finals: dict[int, TokenEvent] = {}
 
         def resolve(event: TokenEvent) -> None:
-            if not done.done():
-                done.set_result(event)
+            finals[event.index] = event
+            if len(finals) == request.params.n and not done.done():
+                done.set_result([finals[k] for k in sorted(finals)])
 
         self.submit(request, joining_sink(lambda event: loop.call_soon_threadsafe(resolve, event)))
         try:
@@ -297,7 +311,8 @@ class GenerationEngine:
     def _emit(self, rows: list[Row], logits: torch.Tensor) -> None:
         """Sample one token per row (logits [B, V]), send the new text, and retire finished rows."""
         finished: list[int] = []
-        for index, (row, token) in enumerate(zip(rows, sample(logits, rows), strict=True)):
+        sampled = sample(logits, rows)
+        for index, (row, token, logprob) in enumerate(zip(rows, sampled.tokens, sampled.logprobs, strict=True)):
             if row.cancelled:
                 self._finish(row, "cancelled")
                 finished.append(index)
@@ -306,6 +321,8 @@ class GenerationEngine:
             if not eos:
                 row.generated.append(token)
                 self.stats["tokens"] += 1
+                if logprob is not None:
+                    row.pending_logprobs.append(self.output.token_logprob(token, *logprob))
             delta, reason = self.output.process(row, eos)
             if reason:
                 self._finish(row, reason, delta)
@@ -316,10 +333,19 @@ class GenerationEngine:
             self.batch.remove(finished)
 
     def _event(self, row: Row, text: str, reason: str | None, error: str | None = None) -> TokenEvent:
-        return TokenEvent(row.request.request_id, text, reason, len(row.request.prompt_ids), len(row.generated), error)
+        logprobs = None
+        if row.request.params.logprobs is not None:  # the tokens since the row's last event, held-back ones too
+            logprobs, row.pending_logprobs = row.pending_logprobs, []
+        return TokenEvent(row.request.request_id, text, reason, len(row.request.prompt_ids), len(row.generated),
+                          error, row.index, logprobs)
 
     def _finish(self, row: Row, reason: str, text: str = "", error: str | None = None) -> None:
-        self._by_id.pop(row.request.request_id, None)
+        request_id = row.request.request_id
+        left = [r for r in self._by_id.get(request_id, []) if r is not row]
+        if left:
+            self._by_id[request_id] = left
+        else:
+            self._by_id.pop(request_id, None)
         try:
             row.sink(self._event(row, text, reason, error))
         except Exception:  # a consumer that went away must not stop the engine

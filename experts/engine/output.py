@@ -9,6 +9,7 @@ from collections.abc import Sequence
 from transformers import PreTrainedTokenizerBase
 
 from experts.engine.batch import Row
+from experts.engine.request import TokenLogprob
 
 
 def holdback(text: str, stops: Sequence[str]) -> str:
@@ -29,6 +30,20 @@ class OutputProcessor:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_positions: int) -> None:
         self.tokenizer = tokenizer
         self.max_positions = max_positions
+        self._token_text: dict[int, str] = {}
+        """Token id -> its text alone; bounded by the vocabulary, and logprobs ask for the same ids often."""
+
+    def token_text(self, ids: list[int]) -> list[str]:
+        missing = [i for i in dict.fromkeys(ids) if i not in self._token_text]
+        if missing:  # one call into the tokenizer for all of a step's new ids
+            texts = self.tokenizer.batch_decode([[i] for i in missing], skip_special_tokens=False)
+            self._token_text.update(zip(missing, texts, strict=True))
+        return [self._token_text[i] for i in ids]
+
+    def token_logprob(self, token: int, logprob: float, top_ids: list[int], top_logprobs: list[float]) -> TokenLogprob:
+        """A generated token's logprob entry, the token and its alternatives as text."""
+        text, *top_texts = self.token_text([token, *top_ids])
+        return TokenLogprob(token, text, logprob, tuple(zip(top_texts, top_logprobs, strict=True)))
 
     def process(self, row: Row, eos: bool) -> tuple[str, str | None]:
         """After a step appended its token to `row.generated` (or hit `eos`): the text not sent yet and the

@@ -13,7 +13,7 @@ from experts.multi_lora import Mixture
 
 @dataclass(frozen=True)
 class SamplingParams:
-    """How to pick tokens for one request (OpenAI semantics)."""
+    """How to pick tokens for one request (OpenAI semantics; `repetition_penalty` is vLLM's extension)."""
 
     max_tokens: int = 128
     """Most new tokens to generate."""
@@ -24,7 +24,23 @@ class SamplingParams:
     stop: tuple[str, ...] = ()
     """Strings that end generation; they are not included in the output."""
     seed: int | None = None
-    """Per-request sampling seed for reproducible samples."""
+    """Per-request sampling seed for reproducible samples (choice k of n uses seed + k)."""
+    n: int = 1
+    """Independent completions of the prompt, decoded as n rows of the batch (TokenEvent.index tells them apart)."""
+    logprobs: int | None = None
+    """None: no log-probabilities; k >= 0: each generated token's log-probability and the k most likely ones."""
+    presence_penalty: float = 0.0
+    """Subtracted from the logit of every token generated so far (OpenAI, -2..2)."""
+    frequency_penalty: float = 0.0
+    """Subtracted from a token's logit once per time it was generated so far (OpenAI, -2..2)."""
+    repetition_penalty: float = 1.0
+    """Divides positive / multiplies negative logits of tokens in the prompt or the output (vLLM, HF); 1 = off."""
+    logit_bias: tuple[tuple[int, float], ...] = ()
+    """(token id, bias) pairs added to the logits before sampling (OpenAI, -100..100)."""
+
+    @property
+    def penalised(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0)
 
 
 def new_request_id() -> str:
@@ -41,9 +57,22 @@ class GenerationRequest:
     request_id: str = field(default_factory=new_request_id)
 
 
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability under the model (raw logits: before penalties, logit_bias,
+    temperature and top_p, as vLLM reports by default), and the most likely alternatives at that step."""
+
+    token_id: int
+    token: str
+    """The token decoded on its own (a partial UTF-8 character decodes to U+FFFD)."""
+    logprob: float
+    top: tuple[tuple[str, float], ...] = ()
+    """(token, logprob) of the most likely tokens, most likely first."""
+
+
 @dataclass
 class TokenEvent:
-    """A streamed piece of output; the last event of a request has a finish_reason."""
+    """A streamed piece of output; the last event of a request's choice has a finish_reason."""
 
     request_id: str
     text: str
@@ -52,6 +81,10 @@ class TokenEvent:
     prompt_tokens: int
     completion_tokens: int
     error: str | None = None
+    index: int = 0
+    """Which of the request's n choices this event belongs to."""
+    logprobs: list[TokenLogprob] | None = None
+    """The tokens generated since the choice's previous event (when the request asked for logprobs)."""
 
 
 @dataclass
@@ -70,14 +103,18 @@ Sink = Callable[[TokenEvent], None]
 
 
 def joining_sink(on_finish: Callable[[TokenEvent], None]) -> Sink:
-    """A sink that joins a request's pieces on the engine thread and hands over only the finish event, its
-    text the whole completion: the consumer is woken once per request, not once per token."""
-    parts: list[str] = []
+    """A sink that joins each choice's pieces (text and logprobs) on the engine thread and hands over only its
+    finish event, carrying the whole completion: the consumer is woken once per choice, not once per token."""
+    parts: dict[int, list[str]] = {}
+    logprobs: dict[int, list[TokenLogprob]] = {}
 
     def sink(event: TokenEvent) -> None:
-        parts.append(event.text)
+        parts.setdefault(event.index, []).append(event.text)
+        if event.logprobs is not None:
+            logprobs.setdefault(event.index, []).extend(event.logprobs)
         if event.finish_reason is not None:
-            event.text = "".join(parts)
+            event.text = "".join(parts.pop(event.index))
+            event.logprobs = logprobs.pop(event.index, event.logprobs)
             on_finish(event)
 
     return sink

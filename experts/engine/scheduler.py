@@ -4,10 +4,13 @@ from __future__ import annotations
 
 import queue
 import time
+from typing import TYPE_CHECKING
 
 from core.errors import OverloadedError
-from core.settings import Settings
 from experts.engine.batch import Row
+
+if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
+    from core.settings import Settings
 
 
 class Scheduler:
@@ -21,8 +24,9 @@ class Scheduler:
     def __len__(self) -> int:
         return self.waiting.qsize()
 
-    def check_room(self) -> None:
-        if self.waiting.qsize() >= self.settings.max_queue:
+    def check_room(self, rows: int = 1) -> None:
+        """Refuse a request whose `rows` (its n choices) would overfill the queue."""
+        if self.waiting.qsize() + rows > self.settings.max_queue:
             raise OverloadedError(
                 f"{self.waiting.qsize()} requests are waiting (MOE_MAX_QUEUE={self.settings.max_queue}); retry later."
             )

@@ -6,13 +6,16 @@ from __future__ import annotations
 import contextlib
 import logging
 from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch import nn
 
-from experts.adapters import LoraWeights
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear
 from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
+
+if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
+    from experts.adapters import LoraWeights
 
 logger = logging.getLogger(__name__)
 

@@ -16,7 +16,8 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file
 from torch import nn
 
-from core.errors import AdapterValidationError, InvalidNameError
+from core.errors import AdapterValidationError
+from core.names import validate_expert_name as validate_expert_name  # re-exported: the rule is in core.names
 from core.settings import Settings
 from experts.backbone import Backbone
 
@@ -26,20 +27,7 @@ CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 METADATA_FILE = "moe_expert.json"
 PICKLE_SUFFIXES = (".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt")
-NAME_PATTERN = re.compile(r"^[a-z][a-z0-9_-]{1,47}$")
-RESERVED_NAMES = frozenset({"auto", "base", "none", "default"})
 _KEY = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.lora_(?P<part>[AB])(?:\.[^.]+)?\.weight$")
-
-
-def validate_expert_name(name: str) -> str:
-    if not NAME_PATTERN.match(name or ""):
-        raise InvalidNameError(
-            f"Invalid expert name {name!r}: use 2-48 characters, lower-case letters, digits, '-' or '_', "
-            "starting with a letter."
-        )
-    if name in RESERVED_NAMES:
-        raise InvalidNameError(f"Expert name {name!r} is reserved; choose another.")
-    return name
 
 
 def lora_config_from_settings(settings: Settings) -> LoraConfig:

@@ -12,6 +12,7 @@ import logging
 from collections import Counter
 from datetime import datetime
 
+import pandas as pd
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import InvalidInputError
@@ -24,9 +25,10 @@ from router.gate import BASE
 logger = logging.getLogger(__name__)
 
 
-def retrain_from_logs(settings: Settings, sessions: sessionmaker[Session], encode: Encode, fingerprint: str,
-                      since: datetime | None = None, pseudo_label_confidence: float | None = None,
-                      min_labels: int = 1, promote: str = "auto") -> RouterReport:
+def require_log_labels(sessions: sessionmaker[Session], since: datetime | None = None,
+                       pseudo_label_confidence: float | None = None, min_labels: int = 1) -> pd.DataFrame:
+    """The labels a retrain would learn from (see `log_labels`); raises when there are too few. Needs no model,
+    so the command line calls it before the backbone loads."""
     with sessions() as session:
         known = [e.name for e in repo.served_experts(session)] + [BASE]
         labels = log_labels(session, known, since, pseudo_label_confidence)
@@ -35,6 +37,13 @@ def retrain_from_logs(settings: Settings, sessions: sessionmaker[Session], encod
             f"Only {len(labels)} labelled requests in the logs (need {min_labels}); send feedback with "
             "POST /v1/feedback or forced-expert requests first."
         )
+    return labels
+
+
+def retrain_from_logs(settings: Settings, sessions: sessionmaker[Session], encode: Encode, fingerprint: str,
+                      since: datetime | None = None, pseudo_label_confidence: float | None = None,
+                      min_labels: int = 1, promote: str = "auto") -> RouterReport:
+    labels = require_log_labels(sessions, since, pseudo_label_confidence, min_labels)
     train, val = LabelledSet(), LabelledSet()
     for row in labels.itertuples():
         (val if row.split == "val" else train).add(row.text, row.label, f"log:{row.source}")

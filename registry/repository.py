@@ -7,10 +7,10 @@ from collections.abc import Iterable, Sequence
 from datetime import datetime
 from typing import Any
 
-from sqlalchemy import func, select, update
+from sqlalchemy import and_, func, select, update
 from sqlalchemy.orm import Session
 
-from core.errors import ConflictError, ExpertNotFoundError, NotFoundError
+from core.errors import ConflictError, ExpertNotFoundError, NotFoundError, RouterNotTrainedError
 from registry.models import (
     SERVED_STATUSES,
     Expert,
@@ -105,6 +105,14 @@ def current_version(session: Session, expert: Expert) -> ExpertVersion:
     return version
 
 
+def current_versions(session: Session) -> dict[str, ExpertVersion]:
+    """Every expert's current version by expert name, in one query (for listings)."""
+    query = select(Expert.name, ExpertVersion).join(
+        Expert, and_(ExpertVersion.expert_id == Expert.id, ExpertVersion.version == Expert.current_version)
+    )
+    return {name: version for name, version in session.execute(query)}
+
+
 def set_expert_status(session: Session, name: str, status: str) -> Expert:
     expert = require_expert(session, name)
     expert.status = str(status)
@@ -147,6 +155,13 @@ def add_router_version(session: Session, **fields: Any) -> RouterVersion:
 
 def active_router(session: Session) -> RouterVersion | None:
     return session.scalar(select(RouterVersion).where(RouterVersion.status == RouterStatus.ACTIVE.value))
+
+
+def require_active_router(session: Session) -> RouterVersion:
+    router = active_router(session)
+    if router is None:
+        raise RouterNotTrainedError("No router is active yet; run `moe router train`.")
+    return router
 
 
 def get_router(session: Session, version: int) -> RouterVersion:
@@ -217,6 +232,15 @@ def count_request_logs(session: Session, since: datetime | None = None) -> int:
     if since is not None:
         query = query.where(RequestLog.created_at >= since)
     return int(session.scalar(query) or 0)
+
+
+def routed_top_experts(session: Session, since: datetime) -> dict[str | None, int]:
+    """Requests the router decided (no expert forced) since `since`, counted by their top expert ('base' or
+    None: the bare backbone answered). Counted in SQL: a day of traffic can be millions of rows."""
+    top = RequestLog.experts[(0, "name")].as_string()
+    query = (select(top, func.count()).where(RequestLog.created_at >= since, RequestLog.forced_expert.is_(None))
+             .group_by(top))
+    return {name: int(count) for name, count in session.execute(query)}
 
 
 # ---- jobs ------------------------------------------------------------------------------

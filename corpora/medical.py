@@ -16,6 +16,7 @@ import xml.etree.ElementTree as ET
 import zipfile
 from collections.abc import Iterator
 
+from core.text import text_key
 from corpora.base import Files, Record, Source, csv_rows, json_lines, recase
 
 # --- helpers --------------------------------------------------------------------------------------------------
@@ -75,7 +76,7 @@ def _lasse_items(files: Files, paths: tuple[str, ...]) -> Iterator[tuple[str, st
             question = re.sub(r"^(hi|hello|hey)?\s*(doctor|dr\.?)\s*,?\s*\n", "", question, flags=re.I).strip()
             answer = (item.get("answer") or "").strip()
             answer = _LINK_TAIL.sub("", _ICLINIQ_TAIL.sub("", answer)).strip()
-            key = " ".join(question.lower().split())
+            key = text_key(question)
             if key not in best or len(answer) > len(best[key][1]):
                 best[key] = (question, recase(answer))
     yield from best.values()

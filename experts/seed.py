@@ -9,6 +9,7 @@ from __future__ import annotations
 import hashlib
 from pathlib import Path
 
+from core.text import text_key
 from experts.data import ChatExample, load_examples, load_texts
 
 SEED_DIR = Path(__file__).with_name("seed_data")
@@ -28,7 +29,7 @@ DEFAULT_DOMAINS: dict[str, str] = {
 
 def split_digest(text: str) -> bytes:
     """SHA-1 of the normalised text (lower case, single spaces): the fixed key every split is drawn from."""
-    return hashlib.sha1(" ".join(text.lower().split()).encode("utf-8")).digest()
+    return hashlib.sha1(text_key(text).encode("utf-8")).digest()
 
 
 def is_validation(text: str) -> bool:
@@ -76,7 +77,7 @@ def seed_prompts(domain: str) -> tuple[list[str], list[str]]:
     seen: set[str] = set()
     unique = []
     for text in texts:
-        key = " ".join(text.lower().split())
+        key = text_key(text)
         if key not in seen:
             seen.add(key)
             unique.append(text)

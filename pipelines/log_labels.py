@@ -15,6 +15,7 @@ import pandas as pd
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from core.text import text_key
 from experts.seed import split_digest
 from registry.models import Feedback, RequestLog
 
@@ -63,7 +64,7 @@ def log_labels(session: Session, known_labels: list[str], since: datetime | None
     labels = labels[labels["label"].isin(known_labels)]
     if labels.empty:
         return pd.DataFrame(columns=columns)
-    labels["key"] = labels["text"].str.lower().str.split().str.join(" ")
+    labels["key"] = labels["text"].map(text_key)
     labels["rank"] = labels["source"].map(SOURCE_RANK)
     labels = labels.sort_values(["rank", "created_at"], ascending=[True, False]).drop_duplicates("key")
     labels = labels.sort_values("created_at").reset_index(drop=True)

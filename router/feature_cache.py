@@ -17,7 +17,8 @@ from safetensors.torch import load_file, save_file
 logger = logging.getLogger(__name__)
 
 
-def text_key(text: str) -> str:
+def _digest(text: str) -> str:
+    """The cache key of a text: its exact bytes (features depend on casing and spacing)."""
     return hashlib.sha1(text.encode("utf-8")).hexdigest()
 
 
@@ -40,7 +41,7 @@ class FeatureCache:
     def lookup(self, texts: Sequence[str], encode: Callable[[list[str]], torch.Tensor]) -> torch.Tensor:
         """Features for `texts` [N, H]; only texts not seen before are encoded (and then stored)."""
         with self._lock:
-            keys = [text_key(t) for t in texts]
+            keys = [_digest(t) for t in texts]
             missing = sorted({k: t for k, t in zip(keys, texts, strict=True) if k not in self.index}.items())
             if missing:
                 fresh = encode([t for _, t in missing])

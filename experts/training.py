@@ -169,6 +169,19 @@ def _restore(params: Sequence[torch.nn.Parameter], state: dict[int, torch.Tensor
             p.copy_(state[id(p)])
 
 
+def _optimizer_step(model: torch.nn.Module, batch: Batch, params: list[torch.nn.Parameter],
+                    optimizer: torch.optim.Optimizer, scheduler) -> tuple[float, int]:
+    """One clipped AdamW step on a collated batch; returns (mean token loss, target tokens)."""
+    loss_sum, count = batch_nll(model, batch)
+    loss = loss_sum / max(count, 1)
+    loss.backward()
+    torch.nn.utils.clip_grad_norm_(params, 1.0)
+    optimizer.step()
+    scheduler.step()
+    optimizer.zero_grad(set_to_none=True)
+    return float(loss.detach()), count
+
+
 def train_lora(
     model: torch.nn.Module,
     train: Sequence[TokenizedExample],
@@ -200,15 +213,8 @@ def train_lora(
             for group in length_grouped_batches(train, config.batch_size, rng):
                 if step >= total_steps:
                     break
-                batch = collate(group, pad_id, device)
-                loss_sum, count = batch_nll(model, batch)
-                loss = loss_sum / max(count, 1)
-                loss.backward()
-                torch.nn.utils.clip_grad_norm_(params, 1.0)
-                optimizer.step()
-                scheduler.step()
-                optimizer.zero_grad(set_to_none=True)
-                losses.append(float(loss.detach()))
+                loss, count = _optimizer_step(model, collate(group, pad_id, device), params, optimizer, scheduler)
+                losses.append(loss)
                 step += 1
                 bar.update(1)
                 bar.set_postfix(loss=f"{losses[-1]:.3f}")

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import mlflow
 import torch
-from peft import get_peft_model
+from peft import LoraConfig, get_peft_model
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import DataFormatError
@@ -94,22 +94,31 @@ def train_adapter(
     if not train_tok or not val_tok:
         raise DataFormatError("No usable training or validation examples after tokenization.")
     lora = lora_config_from_settings(settings)
-    mlflow.log_params(
-        {
-            "expert": name,
-            "backbone": backbone.name,
-            "backbone_fingerprint": backbone.fingerprint,
-            "lora_rank": lora.r,
-            "lora_alpha": lora.lora_alpha,
-            "target_modules": ",".join(sorted(lora.target_modules)),
-            "n_train": len(train_tok),
-            "n_val": len(val_tok),
-            **{f"train_{k}": v for k, v in asdict(config).items()},
-        }
-    )
+    mlflow.log_params({
+        "expert": name, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
+        "lora_rank": lora.r, "lora_alpha": lora.lora_alpha, "target_modules": ",".join(sorted(lora.target_modules)),
+        "n_train": len(train_tok), "n_val": len(val_tok), **{f"train_{k}": v for k, v in asdict(config).items()},
+    })
     logger.info("Evaluating the bare backbone on %d held-out examples", len(val_tok))
     base_loss = mean_nll(backbone.model, val_tok, pad_id)
     mlflow.log_metric("eval_loss_base", base_loss)
+    losses, expert_loss = _fit_and_save(backbone, lora, name, train_tok, val_tok, base_loss, output_dir, config,
+                                        save_dtype, on_progress)
+    result = ExpertTrainingResult(
+        name=name, version=None, adapter_path=str(output_dir), base_loss=base_loss, expert_loss=expert_loss,
+        steps=len(losses), seconds=time.perf_counter() - started, run_id=None, n_train=len(train_tok),
+        n_val=len(val_tok),
+    )
+    _record(backbone, result, losses, output_dir)
+    return result
+
+
+def _fit_and_save(backbone: Backbone, lora: LoraConfig, name: str, train_tok: list, val_tok: list, base_loss: float,
+                  output_dir: Path, config: TrainConfig, save_dtype: torch.dtype | None,
+                  on_progress: Callable[[float, str], None] | None) -> tuple[list[float], float]:
+    """LoRA on the shared backbone, saved to `output_dir`; the backbone is restored exactly afterwards.
+    Returns (per-step training losses, held-out loss of the kept epoch)."""
+    pad_id = backbone.tokenizer.pad_token_id
     peft_model = get_peft_model(backbone.model, lora)
     try:
         peft_model.print_trainable_parameters = lambda: None  # keep stdout clean
@@ -128,12 +137,9 @@ def train_adapter(
 
         trained = train_lora(peft_model, train_tok, config, pad_id, on_step=on_step,
                              on_epoch=on_epoch if config.epochs > 1 else None)
-        losses = trained.losses
         # The kept epoch was already scored; a second held-out pass would take minutes on a CPU.
         expert_loss = trained.held_out if trained.held_out is not None else mean_nll(peft_model, val_tok, pad_id)
-        mlflow.log_metrics(
-            {"eval_loss_expert": expert_loss, "eval_loss_reduction": 1 - expert_loss / base_loss}
-        )
+        mlflow.log_metrics({"eval_loss_expert": expert_loss, "eval_loss_reduction": 1 - expert_loss / base_loss})
         output_dir.mkdir(parents=True, exist_ok=True)
         if save_dtype is not None:
             for param in peft_model.parameters():
@@ -146,42 +152,28 @@ def train_adapter(
         backbone.model = peft_model.unload()
         backbone.model.requires_grad_(False)
         backbone.model.to(backbone.dtype)
-    result = ExpertTrainingResult(
-        name=name,
-        version=None,
-        adapter_path=str(output_dir),
-        base_loss=base_loss,
-        expert_loss=expert_loss,
-        steps=len(losses),
-        seconds=time.perf_counter() - started,
-        run_id=None,
-        n_train=len(train_tok),
-        n_val=len(val_tok),
-    )
-    write_metadata(
-        output_dir,
-        {
-            "name": name,
-            "backbone": backbone.name,
-            "backbone_fingerprint": backbone.fingerprint,
-            "eval_loss_base": base_loss,
-            "eval_loss_expert": expert_loss,
-            "n_train": result.n_train,
-            "n_val": result.n_val,
-        },
-    )
+    return trained.losses, expert_loss
+
+
+def _record(backbone: Backbone, result: ExpertTrainingResult, losses: list[float], output_dir: Path) -> None:
+    """metadata.json beside the adapter, the loss curve and the adapter in MLflow, the summary (and the
+    not-better-than-the-backbone warning) in the log."""
+    write_metadata(output_dir, {
+        "name": result.name, "backbone": backbone.name, "backbone_fingerprint": backbone.fingerprint,
+        "eval_loss_base": result.base_loss, "eval_loss_expert": result.expert_loss, "n_train": result.n_train,
+        "n_val": result.n_val,
+    })
     with tempfile.TemporaryDirectory() as tmp:
-        curve = save_loss_curve(losses, Path(tmp) / "loss_curve.png", title=f"{name}: training loss")
+        curve = save_loss_curve(losses, Path(tmp) / "loss_curve.png", title=f"{result.name}: training loss")
         mlflow.log_artifact(str(curve))
     mlflow.log_artifacts(str(output_dir), artifact_path="adapter")
     logger.info(
         "%s: held-out loss %.3f -> %.3f (%.0f%% lower) in %d steps, %.0f s",
-        name, base_loss, expert_loss, 100 * result.reduction, result.steps, result.seconds,
+        result.name, result.base_loss, result.expert_loss, 100 * result.reduction, result.steps, result.seconds,
     )
     if result.warning:
         logger.warning(result.warning)
         mlflow.set_tag("warning", "not better than the bare backbone")
-    return result
 
 
 def register_expert(

@@ -68,7 +68,13 @@ class RouterTrainConfig:
     queries from other sources are less confident than the validation split: at 0.01 the threshold sent 7.7% of
     real in-domain dev queries to `base` (3.8% without abstention), docs/benchmarks.md."""
     augment_per_label: int = 1000
-    """At most this many training prompts per label also get a noisy variant (router.augment)."""
+    """At most this many training prompts per label also get a noisy variant (router.augment). On a warm start
+    only the new rows (log labels, a new expert's prompts) get one: the replayed rows' variants are in the
+    active gate already."""
+    replay_per_label: int = 600
+    """Warm start (a retrain from logs, a new expert): at most this many of the active router's seed prompts per
+    label are replayed and distilled from it, hash-chosen so the feature cache hits. Every replayed prompt
+    costs a backbone pass the first time; the validation split is always used whole."""
     prototype_scale: float = 10.0
     """Weight of the prototype scores in the gate's logits when the features end with a sentence embedding
     (GateConfig.prototype_scale); 0 = an MLP alone."""

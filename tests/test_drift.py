@@ -92,7 +92,8 @@ def test_worse_labels_are_rejected_and_the_active_router_stays(env):
     with env["sessions"]() as session:
         active_before = repo.active_router(session).version
     legal_train, _ = seed_prompts("legal")
-    _log_with_feedback(env["sessions"], legal_train, env["routing"], "finance")  # systematically wrong labels
+    # systematically wrong labels; 400 of them are plenty to pull legal prompts to finance, and each is encoded once
+    _log_with_feedback(env["sessions"], legal_train[:400], env["routing"], "finance")
     report = retrain_from_logs(env["settings"], env["sessions"], env["encode"], env["backbone"].fingerprint)
     assert not report.promoted
     assert any("legal recall" in reason for reason in report.reasons), report.reasons

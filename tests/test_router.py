@@ -312,13 +312,41 @@ def test_prototypes_score_columns_and_survive_a_grown_gate():
 
 
 def test_small_labels_get_every_row_augmented_big_ones_a_fixed_share():
-    from pipelines.train_router import LabelledSet, augmented_rows
+    from pipelines.train_router import LabelledSet, rows_per_label
 
     train = LabelledSet()
     for i in range(6):
         train.add(f"big label prompt {i}", "a", "seed")
     for i in range(2):
         train.add(f"small label prompt {i}", "b", "seed")
-    rows = augmented_rows(train, per_label=3)
+    rows = rows_per_label(train, per_label=3)
     assert [train.labels[i] for i in rows].count("a") == 3 and [train.labels[i] for i in rows].count("b") == 2
-    assert rows == sorted(rows) == augmented_rows(train, per_label=3)  # fixed: the feature cache keeps hitting
+    assert rows == sorted(rows) == rows_per_label(train, per_label=3)  # fixed: the feature cache keeps hitting
+
+
+def test_warm_start_replays_a_capped_fixed_share_and_keeps_every_new_row():
+    from pipelines.train_router import LabelledSet, training_rows
+    from router.training import RouterTrainConfig
+
+    train = LabelledSet()
+    for i in range(8):
+        train.add(f"seed prompt of a {i}", "a", "seed")
+    for i in range(3):
+        train.add(f"seed prompt of b {i}", "b", "seed")
+    train.add("logged prompt relabelled to a", "a", "log:feedback")
+    for i in range(2):
+        train.add(f"a new expert's prompt {i}", "c", "user")
+    config = RouterTrainConfig(replay_per_label=4, augment_per_label=1)
+    cold = training_rows(train, None, config)
+    assert cold.train is train and not any(cold.replay)
+    assert sorted(train.labels[i] for i in cold.augmented_from) == ["a", "b", "c"]  # one variant per label, cold
+
+    warm = training_rows(train, ["a", "b", BASE], config)
+    replayed = [(t, label) for t, label, r in zip(warm.train.texts, warm.train.labels, warm.replay, strict=True) if r]
+    assert [label for _, label in replayed].count("a") == 4 and [label for _, label in replayed].count("b") == 3
+    new = [t for t, r in zip(warm.train.texts, warm.replay, strict=True) if not r]
+    assert new == ["logged prompt relabelled to a", "a new expert's prompt 0", "a new expert's prompt 1"]
+    # variants only for new rows, at most augment_per_label per label
+    assert sorted(warm.train.labels[i] for i in warm.augmented_from) == ["a", "c"]
+    assert all(not warm.replay[i] for i in warm.augmented_from)
+    assert training_rows(train, ["a", "b", BASE], config).train.texts == warm.train.texts  # fixed choice

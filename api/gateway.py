@@ -9,7 +9,7 @@ import time
 import uuid
 from collections.abc import AsyncIterator, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Protocol
+from typing import Any, Protocol
 
 from sqlalchemy.orm import Session, sessionmaker
 from transformers import PreTrainedTokenizerBase
@@ -27,6 +27,8 @@ from registry import repository as repo
 from registry.request_log import RequestLogWriter
 from router.gate import BASE
 from router.service import RoutingService
+from serving import tracing
+from serving.metrics import LocalExport, MetricsExport
 from serving.route_batcher import RouteBatcher
 
 logger = logging.getLogger(__name__)
@@ -68,6 +70,8 @@ class Dispatch:
     pool: PoolClient
     user: str | None = None
     started: float = field(default_factory=time.perf_counter)
+    span: Any = None
+    """The request's trace span (None without tracing), ended when the request is recorded."""
 
     @property
     def request_id(self) -> str:
@@ -96,6 +100,7 @@ class Gateway:
         pools: Sequence[PoolClient],
         log_writer: RequestLogWriter,
         metrics: Metrics | None = None,
+        export: MetricsExport | None = None,
     ) -> None:
         self.settings = settings
         self.sessions = sessions
@@ -104,6 +109,11 @@ class Gateway:
         self.pools = list(pools)
         self.log_writer = log_writer
         self.metrics = metrics or Metrics()
+        self.metrics.follow(lambda: self.routing.version, lambda: {
+            "written": log_writer.written, "spilled": log_writer.spilled, "replayed": log_writer.replayed,
+            "rejected": log_writer.rejected})
+        self.export = export or LocalExport(self.metrics.registry)
+        """What GET /metrics serves: this process's series, or (under Ray) the totals of every replica."""
         # concurrent routed requests share one truncated-backbone pass (off the event loop)
         self.route_batcher = RouteBatcher(self._route_many)
         self._placement: dict[str, PoolClient] = {}
@@ -166,13 +176,14 @@ class Gateway:
         # a prompt list is routed as one text: the response has one `moe` object, so one mixture for all
         return [self._tokens(p) for p in body.prompts], "\n\n".join(body.prompts), "completions"
 
-    async def _decide(self, model: str, route_text: str) -> tuple[Mixture, list[tuple[str, float]], float | None,
-                                                                  int | None, str | None, PoolClient]:
+    async def _decide(self, model: str, route_text: str, endpoint: str) -> tuple[
+            Mixture, list[tuple[str, float]], float | None, int | None, str | None, PoolClient]:
         """(mixture, experts reported, confidence, router version, forced expert, pool) for `model`."""
         placement = await self.refresh_placement()
         if model == "auto":
             # off the event loop: other requests keep streaming while this one is routed
             decision = await self.route_batcher.route(route_text, None)
+            self.metrics.observe_decision(endpoint, decision.experts[0][0], decision.confidence, decision.abstained)
             pool = None
             if decision.mixture:
                 top = decision.mixture[0][0]
@@ -199,11 +210,21 @@ class Gateway:
         prompt_ids, route_text, endpoint = self._inputs(body)
         params = self._sampling(body, len(prompt_ids))
         request_id = "req-" + uuid.uuid4().hex
-        mixture, experts, confidence, version, forced, pool = await self._decide(body.model, route_text)
-        requests = [GenerationRequest(ids, mixture, params, request_id if p == 0 else f"{request_id}-{p}")
+        span = tracing.start_span("moe.request", request_id=request_id, endpoint=endpoint, model=body.model)
+        route = tracing.start_span("moe.route", span, model=body.model)
+        try:
+            mixture, experts, confidence, version, forced, pool = await self._decide(body.model, route_text, endpoint)
+        except MoEError as exc:
+            tracing.end_span(route, exc.message)
+            tracing.end_span(span, exc.message, status=exc.status_code)
+            raise
+        tracing.end_span(route, expert=experts[0][0] if experts else BASE, confidence=confidence,
+                         router_version=version, forced=forced is not None, pool=pool.name)
+        trace = tracing.headers(span)
+        requests = [GenerationRequest(ids, mixture, params, request_id if p == 0 else f"{request_id}-{p}", trace)
                     for p, ids in enumerate(prompt_ids)]
         return Dispatch(requests, endpoint, body.model, experts, version, confidence, forced, route_text, pool,
-                        body.user)
+                        body.user, span=span)
 
     # ---- generating --------------------------------------------------------------------
     async def _events(self, dispatch: Dispatch, coalesce: bool) -> AsyncIterator[TokenEvent]:
@@ -244,10 +265,13 @@ class Gateway:
         sends one final event per choice carrying its whole text. Whatever happens, the request is logged and
         counted once."""
         latest: dict[int, TokenEvent] = {}
+        finals: list[tuple[TokenEvent, float]] = []
         status, error = 200, None
         try:
             async for event in self._events(dispatch, coalesce):
                 latest[event.index] = event
+                if event.finish_reason is not None:  # when it arrived, for time to first token
+                    finals.append((event, time.perf_counter() - dispatch.started))
                 if event.finish_reason == "error":
                     status, error = 500, event.error
                 yield event
@@ -262,7 +286,7 @@ class Gateway:
             status, error = 500, repr(exc)
             raise
         finally:
-            self.record(dispatch, sum(e.completion_tokens for e in latest.values()), status, error)
+            self.record(dispatch, sum(e.completion_tokens for e in latest.values()), status, error, finals)
 
     async def complete(self, dispatch: Dispatch) -> list[TokenEvent]:
         """The whole answer: each choice's final event in index order, its text (and logprobs) the joined
@@ -282,7 +306,8 @@ class Gateway:
         return [replace(finals[i], text="".join(parts[i]), logprobs=logprobs.get(i, finals[i].logprobs))
                 for i in sorted(finals)]
 
-    def record(self, dispatch: Dispatch, completion_tokens: int, status: int, error: str | None) -> None:
+    def record(self, dispatch: Dispatch, completion_tokens: int, status: int, error: str | None,
+               finals: Sequence[tuple[TokenEvent, float]] = ()) -> None:
         latency_ms = (time.perf_counter() - dispatch.started) * 1000
         prompt_tokens = dispatch.prompt_tokens
         row = {
@@ -303,9 +328,12 @@ class Gateway:
             "user": dispatch.user,
         }
         self.log_writer.log(row)
+        tracing.end_span(dispatch.span, error, status=status, prompt_tokens=prompt_tokens,
+                         completion_tokens=completion_tokens)
         self.metrics.observe_request(
-            dispatch.endpoint, dispatch.experts[0][0] if dispatch.experts else BASE, status,
-            prompt_tokens, completion_tokens, latency_ms / 1000,
+            dispatch.endpoint, dispatch.experts[0][0] if dispatch.experts else BASE,
+            "routed" if dispatch.forced is None else "forced", status, prompt_tokens, completion_tokens,
+            latency_ms / 1000, finals,
         )
 
     def _route_many(self, texts: Sequence[str], top_k: int | None):
@@ -315,7 +343,7 @@ class Gateway:
     async def route_only(self, text: str, top_k: int | None):
         self._tokens(text)
         decision = await self.route_batcher.route(text, top_k)
-        self.metrics.observe_route(decision.experts[0][0])
+        self.metrics.observe_decision("route", decision.experts[0][0], decision.confidence, decision.abstained)
         return decision
 
     def feedback(self, request_id: str, expert: str | None, rating: float | None) -> int:

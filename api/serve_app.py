@@ -1,6 +1,7 @@
-"""Ray Serve deployments: the ingress (FastAPI via `serve.ingress`, router inside) and one ExpertPool
-deployment per pool of the deploy config. `build_app(settings)` returns the application; `serve run
-api.serve_app:app` and the Serve config in deploy/ use the same builder."""
+"""Ray Serve deployments: the ingress (FastAPI via `serve.ingress`, router inside), one ExpertPool
+deployment per pool of the deploy config, and the MetricsHub every replica reports its metrics to.
+`build_app(settings)` returns the application; `serve run api.serve_app:app` and the Serve config in deploy/
+use the same builder."""
 
 from __future__ import annotations
 
@@ -20,6 +21,7 @@ from ray.serve.handle import DeploymentHandle
 
 from api.app import create_app
 from api.gateway import Gateway
+from api.metrics import Metrics
 from core.device import apply_thread_settings
 from core.errors import OverloadedError, PoolUnavailableError
 from core.settings import Settings
@@ -29,7 +31,10 @@ from pipelines.auto_retrain import retrain_forever
 from registry.db import session_factory
 from registry.request_log import RequestLogWriter
 from router.service import RoutingService
+from serving.metrics import MetricsRegistry, publish_forever
+from serving.metrics_hub import HubExport, MetricsHub
 from serving.pool import ExpertPoolCore, sync_forever
+from serving.tracing import setup_tracing
 
 logger = logging.getLogger(__name__)
 
@@ -85,16 +90,21 @@ def load_deploy_config(settings: Settings) -> DeployConfig:
 class ExpertPool:
     """Holds the backbone and the adapters of its experts; batches across experts inside the engine."""
 
-    def __init__(self, settings: dict[str, Any], pool: dict[str, Any]) -> None:
+    def __init__(self, settings: dict[str, Any], pool: dict[str, Any], hub: DeploymentHandle) -> None:
         self.settings = Settings(**settings)
         config = PoolConfig(**pool)
         apply_thread_settings(self.settings)
         if config.torch_threads:
             torch.set_num_threads(config.torch_threads)
+        setup_tracing(self.settings, f"moe-pool-{config.name}")
         sessions = session_factory(self.settings, run_migrations=False)
+        metrics = MetricsRegistry("pool")
         self.core = ExpertPoolCore(self.settings, sessions, load_backbone(self.settings), config.name,
-                                   config.experts, config.exclude)
-        self._sync = asyncio.get_event_loop().create_task(sync_forever(self.core, 2.0))
+                                   config.experts, config.exclude, metrics)
+        loop = asyncio.get_event_loop()
+        self._sync = loop.create_task(sync_forever(self.core, 2.0))
+        self._metrics = loop.create_task(publish_forever(metrics, HubExport(metrics, hub).push,
+                                                         self.settings.metrics_push_s))
 
     async def generate(self, request: GenerationRequest, coalesce: bool = False) -> AsyncIterator[TokenEvent]:
         async for event in self.core.stream(request, coalesce):
@@ -143,9 +153,11 @@ class RayPoolClient:
 class Ingress:
     """FastAPI ingress: validation, auth, templating, routing (the router lives here), dispatch, logging."""
 
-    def __init__(self, settings: dict[str, Any], pool_names: list[str], *pools: DeploymentHandle) -> None:
+    def __init__(self, settings: dict[str, Any], pool_names: list[str], hub: DeploymentHandle,
+                 *pools: DeploymentHandle) -> None:
         self.settings = Settings(**settings)
         apply_thread_settings(self.settings)
+        setup_tracing(self.settings, "moe-ingress")
         sessions = session_factory(self.settings, run_migrations=False)
         backbone = load_backbone(self.settings)  # the router's own copy, truncated to the layers it needs
         routing = RoutingService(self.settings, sessions, backbone.model, backbone.tokenizer, own_backbone=True)
@@ -153,7 +165,11 @@ class Ingress:
         writer = RequestLogWriter(sessions, self.settings.spill_dir / "requests.jsonl",
                                   self.settings.log_flush_ms).start()
         clients = [RayPoolClient(h, n) for h, n in zip(pools, pool_names, strict=True)]
-        self.gateway = Gateway(self.settings, sessions, backbone.tokenizer, routing, clients, writer)
+        metrics = Metrics(MetricsRegistry("ingress"))
+        export = HubExport(metrics.registry, hub)
+        self.gateway = Gateway(self.settings, sessions, backbone.tokenizer, routing, clients, writer, metrics, export)
+        self._metrics = asyncio.get_event_loop().create_task(
+            publish_forever(metrics.registry, export.push, self.settings.metrics_push_s))
         self._retrain = None
         if self.settings.router_retrain_after_labels > 0:  # the optional retrain trigger (off by default)
             self._retrain = asyncio.get_event_loop().create_task(retrain_forever(self.settings, sessions))
@@ -168,9 +184,10 @@ class Ingress:
 
 
 def build_app(settings: Settings):
-    """The Serve application graph: Ingress -> ExpertPool-<name> for every pool."""
+    """The Serve application graph: Ingress -> ExpertPool-<name> for every pool; all report to MetricsHub."""
     deploy = load_deploy_config(settings)
     payload = settings.payload()
+    hub = MetricsHub.bind(settings.metrics_push_s)
     pools = []
     for pool in deploy.pools:
         options: dict[str, Any] = {
@@ -183,13 +200,13 @@ def build_app(settings: Settings):
             options["autoscaling_config"] = pool.autoscaling_config
         else:
             options["num_replicas"] = pool.num_replicas
-        pools.append(ExpertPool.options(**options).bind(payload, pool.model_dump()))
+        pools.append(ExpertPool.options(**options).bind(payload, pool.model_dump(), hub))
     return Ingress.options(
         num_replicas=deploy.ingress_replicas, ray_actor_options={"num_cpus": deploy.ingress_num_cpus},
         max_ongoing_requests=deploy.ingress_max_ongoing_requests,
         max_queued_requests=deploy.ingress_max_queued_requests,
         backpressure_config={"status_code": 503, "retry_after_s": 1},
-    ).bind(payload, [p.name for p in deploy.pools], *pools)
+    ).bind(payload, [p.name for p in deploy.pools], hub, *pools)
 
 
 def app_builder(args: dict[str, str] | None = None):

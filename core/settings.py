@@ -53,6 +53,13 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)."
     )
+    backbone_quant: Literal["auto", "none", "int8", "fp16"] = Field(
+        default="auto",
+        description="Low-bit copy of the backbone's linear layers (LM head included) that served passes read; CPU "
+        "only (fbgemm). The experts' LoRA weights, the router's features and training keep the fp32 weights. "
+        "'auto' = int8 on a CPU with fbgemm, none on CUDA (bf16 there); 'int8' = int8 weights per output channel, "
+        "inputs quantized to 8 bits per call; 'fp16' = fp16 weights, fp32 inputs; 'none' = the fp32 weights.",
+    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process; 0 = leave torch's default."
     )
@@ -127,6 +134,18 @@ class Settings(BaseSettings):
     max_queue: int = Field(default=256, ge=1, description="Requests waiting per engine before 503.")
     batch_wait_ms: float = Field(default=5.0, ge=0, description="How long the engine waits to fill a batch.")
 
+    # --- observability -------------------------------------------------------------------
+    metrics_push_s: float = Field(
+        default=1.0, gt=0, le=60,
+        description="How often each Ray replica sends its metrics to the MetricsHub deployment, whose totals "
+        "GET /metrics serves; other replicas' latest requests show up within this.",
+    )
+    otlp_endpoint: str | None = Field(
+        default=None,
+        description="OTLP/HTTP traces endpoint, e.g. http://collector:4318/v1/traces: spans of the ingress request, "
+        "its routing and its pool generation. Unset = no tracing. Needs the `otel` extra installed.",
+    )
+
     # --- request log ---------------------------------------------------------------------
     log_redact: bool = Field(default=False, description="Redact e-mails, phone numbers, digit runs in logs.")
     log_hash_only: bool = Field(default=False, description="Store only a SHA-256 of each prompt in the logs.")
@@ -142,6 +161,13 @@ class Settings(BaseSettings):
         if not self.router_layers and not self.router_sentence_encoder:
             raise ValueError("MOE_ROUTER_LAYERS is empty and MOE_ROUTER_SENTENCE_ENCODER is '': the router would "
                              "read nothing; set at least one")
+        return self
+
+    @model_validator(mode="after")
+    def _quant_runs_on_cpu(self) -> Settings:
+        if self.device == "cuda" and self.backbone_quant not in ("auto", "none"):
+            raise ValueError(f"MOE_BACKBONE_QUANT={self.backbone_quant!r} runs on a CPU only (fbgemm kernels); "
+                             "with MOE_DEVICE=cuda use 'auto' or 'none' (the GPU serves bf16)")
         return self
 
     @property

@@ -18,6 +18,7 @@ from sqlalchemy.orm import sessionmaker
 
 from api.app import create_app
 from api.gateway import Gateway
+from api.metrics import Metrics
 from experts.adapters import write_metadata
 from experts.backbone import load_backbone
 from experts.engine import GenerationRequest, SamplingParams, TokenEvent
@@ -63,9 +64,10 @@ def running_service(settings, backbone) -> Iterator[tuple[TestClient, Gateway, s
     router_backbone = copy.deepcopy(backbone)  # the router owns its copy, as in the ingress
     routing = RoutingService(settings, sessions, router_backbone.model, router_backbone.tokenizer, own_backbone=True)
     routing.refresh()
-    pool = ExpertPoolCore(settings, sessions, backbone)
+    metrics = Metrics()  # one registry for the gateway and the in-process pool, as one process serves both
+    pool = ExpertPoolCore(settings, sessions, backbone, metrics=metrics.registry)
     writer = RequestLogWriter(sessions, settings.spill_dir / "requests.jsonl", flush_ms=50).start()
-    gateway = Gateway(settings, sessions, backbone.tokenizer, routing, [LocalPoolClient(pool)], writer)
+    gateway = Gateway(settings, sessions, backbone.tokenizer, routing, [LocalPoolClient(pool)], writer, metrics)
     try:
         yield TestClient(create_app(lambda: gateway)), gateway, sessions
     finally:

@@ -24,10 +24,10 @@ def build_health_router(get_gateway: Callable[[], Gateway]) -> APIRouter:
         return {"status": "ok", "router_version": gw.routing.version, "experts": sorted(placement)}
 
     @router.get("/metrics", responses={200: {"description": "Prometheus text format.",
-                                             "content": {"text/plain": {"schema": {"type": "string"}}}}})
+                                             "content": {"text/plain": {"schema": {"type": "string"}}}},
+                                       **documented_errors((503,))})
     async def metrics(gw: Gateway = Depends(gateway)) -> Response:
-        writer = gw.log_writer
-        gw.metrics.observe_log_writer(writer.written, writer.spilled, writer.replayed, writer.rejected)
-        return Response(gw.metrics.render(), media_type="text/plain; version=0.0.4")
+        # under Ray the totals of every ingress and pool replica (the MetricsHub), whichever replica answers
+        return Response(await gw.export.render(), media_type="text/plain; version=0.0.4")
 
     return router

@@ -9,7 +9,15 @@
 """
 
 from experts.engine.core import GenerationEngine
-from experts.engine.request import Completion, GenerationRequest, SamplingParams, Sink, TokenEvent, TokenLogprob
+from experts.engine.request import (
+    Completion,
+    GenerationRequest,
+    RowTiming,
+    SamplingParams,
+    Sink,
+    TokenEvent,
+    TokenLogprob,
+)
 
-__all__ = ["Completion", "GenerationEngine", "GenerationRequest", "SamplingParams", "Sink", "TokenEvent",
+__all__ = ["Completion", "GenerationEngine", "GenerationRequest", "RowTiming", "SamplingParams", "Sink", "TokenEvent",
            "TokenLogprob"]

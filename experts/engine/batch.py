@@ -5,6 +5,7 @@ cache layers keep headroom along L (experts/kv_cache.py), so a decode step write
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -28,6 +29,11 @@ class Row:
     """Which of the request's n choices this row decodes."""
     pending_logprobs: list[TokenLogprob] = field(default_factory=list)
     """Logprobs of tokens whose text is still held back; they leave with the row's next event."""
+    submitted: float = field(default_factory=time.perf_counter)
+    admitted: float | None = None
+    """perf_counter() when the row's prefill started."""
+    first_token: float | None = None
+    """perf_counter() when its first token was sampled."""
 
     @property
     def position(self) -> int:
@@ -66,6 +72,12 @@ class RunningBatch:
 
     def __len__(self) -> int:
         return len(self.rows)
+
+    @property
+    def kv_tokens(self) -> int:
+        """KV-cache positions held: rows x padded length (read from other threads, so no tensor work)."""
+        mask = self.mask
+        return 0 if mask is None else int(mask.shape[0] * mask.shape[1])
 
     def clear(self) -> None:
         self.rows, self.cache, self.mask = [], None, None

@@ -14,6 +14,7 @@ import logging
 import queue
 import threading
 import time
+from collections import Counter
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING
 
@@ -23,11 +24,12 @@ from core.device import release_openmp_pool
 from core.errors import ExpertNotFoundError, InvalidInputError
 from experts.engine.batch import Row, RunningBatch, left_padded
 from experts.engine.output import OutputProcessor
-from experts.engine.request import Completion, GenerationRequest, Sink, TokenEvent, joining_sink
+from experts.engine.request import Completion, GenerationRequest, RowTiming, Sink, TokenEvent, joining_sink
 from experts.engine.sampler import sample
 from experts.engine.scheduler import Scheduler
 from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
+from experts.quant import resolve_quant
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from core.settings import Settings
@@ -45,8 +47,9 @@ class GenerationEngine:
         self.settings = settings
         self.model = backbone.model
         self.tokenizer = backbone.tokenizer
-        self.multi = multi or MultiLoraModel(self.model)
         self.device = backbone.device
+        # low-bit copies of the linear layers for this engine's passes (CPU); the fp32 weights stay for the rest
+        self.multi = multi or MultiLoraModel(self.model, quant=resolve_quant(settings.backbone_quant, self.device))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tokenizer.eos_token_id)
@@ -64,6 +67,8 @@ class GenerationEngine:
         self.stats: dict[str, float] = {"steps": 0, "tokens": 0, "prefills": 0, "rows_max": 0,
                                         "decode_s": 0.0, "decode_tokens": 0, "prefill_s": 0.0}
         """Counters since start; decode_s / decode_tokens give decode throughput without prefill."""
+        self.step_rows: Counter[int] = Counter()
+        """Decode steps by batch size (rows), since start: the pool's batch-size histogram reads it."""
 
     # ---- lifecycle ---------------------------------------------------------------------
     def start(self) -> GenerationEngine:
@@ -292,10 +297,16 @@ class GenerationEngine:
     def _prefill(self, rows: list[Row]) -> None:
         ids, mask, positions = left_padded([r.request.prompt_ids for r in rows], self.tokenizer.pad_token_id)
         cache = GrowingCache()
+        started = time.perf_counter()
+        for row in rows:
+            row.admitted = started
         logits = self._forward(ids.to(self.device), mask.to(self.device), positions.to(self.device), cache,
                                [r.request.mixture for r in rows])
         self.batch.merge(rows, cache, mask.to(self.device))
         self.stats["prefills"] += 1
+        sampled = time.perf_counter()
+        for row in rows:
+            row.first_token = sampled
         self._emit(rows, logits)
 
     def _decode(self) -> None:
@@ -306,6 +317,7 @@ class GenerationEngine:
         logits = self._forward(ids, mask, positions, self.batch.cache, [r.request.mixture for r in rows])
         self.stats["steps"] += 1
         self.stats["rows_max"] = max(self.stats["rows_max"], len(rows))
+        self.step_rows[len(rows)] += 1
         self._emit(rows, logits)
 
     def _emit(self, rows: list[Row], logits: torch.Tensor) -> None:
@@ -337,7 +349,13 @@ class GenerationEngine:
         if row.request.params.logprobs is not None:  # the tokens since the row's last event, held-back ones too
             logprobs, row.pending_logprobs = row.pending_logprobs, []
         return TokenEvent(row.request.request_id, text, reason, len(row.request.prompt_ids), len(row.generated),
-                          error, row.index, logprobs)
+                          error, row.index, logprobs, None if reason is None else self._timing(row))
+
+    @staticmethod
+    def _timing(row: Row) -> RowTiming:
+        now = time.perf_counter()
+        admitted = now if row.admitted is None else row.admitted
+        return RowTiming(admitted - row.submitted, None if row.first_token is None else now - row.first_token)
 
     def _finish(self, row: Row, reason: str, text: str = "", error: str | None = None) -> None:
         request_id = row.request.request_id

@@ -55,6 +55,8 @@ class GenerationRequest:
     mixture: Mixture = ()
     params: SamplingParams = field(default_factory=SamplingParams)
     request_id: str = field(default_factory=new_request_id)
+    trace: dict[str, str] = field(default_factory=dict)
+    """W3C trace-context headers of the ingress's span ({} without tracing): the pool's span joins its trace."""
 
 
 @dataclass(frozen=True)
@@ -68,6 +70,17 @@ class TokenLogprob:
     logprob: float
     top: tuple[tuple[str, float], ...] = ()
     """(token, logprob) of the most likely tokens, most likely first."""
+
+
+@dataclass(frozen=True)
+class RowTiming:
+    """Where one choice's time went inside the engine, in seconds (the ingress turns it into queue time, time
+    to first token and inter-token latency, also for a non-streamed answer that crosses the boundary once)."""
+
+    queued_s: float
+    """Submitted -> admitted into a prefill (-> finished, for a choice that never was)."""
+    decode_s: float | None
+    """First token sampled -> finished; None when no token was sampled (cancelled or failed while waiting)."""
 
 
 @dataclass
@@ -85,6 +98,8 @@ class TokenEvent:
     """Which of the request's n choices this event belongs to."""
     logprobs: list[TokenLogprob] | None = None
     """The tokens generated since the choice's previous event (when the request asked for logprobs)."""
+    timing: RowTiming | None = None
+    """Set on the choice's finish event."""
 
 
 @dataclass

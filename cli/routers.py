@@ -21,8 +21,9 @@ def _encoder(ctx: Context) -> Encode:
 
 
 def cmd_router_train(ctx: Context, args: argparse.Namespace) -> int:
-    from pipelines.train_router import train_router
+    from pipelines.train_router import routable_state, train_router
 
+    routable_state(ctx.sessions)  # no expert with routing prompts: say so before the backbone loads
     report = train_router(ctx.settings, ctx.sessions, _encoder(ctx), ctx.backbone.fingerprint, promote=args.promote)
     verdict = "promoted" if report.promoted else "not promoted"
     print(f"router v{report.version}: accuracy {report.metrics['accuracy']:.3f} on {report.metrics['n']} held-out "

@@ -219,7 +219,7 @@ def training_rows(train: LabelledSet, known_labels: Sequence[str] | None, config
                         [True] * len(kept_replay) + [False] * len(new_rows))
 
 
-def _registry_state(sessions: sessionmaker[Session]) -> tuple[list[str], list[str], LabelledSet, LabelledSet,
+def routable_state(sessions: sessionmaker[Session]) -> tuple[list[str], list[str], LabelledSet, LabelledSet,
                                                                tuple[int, Path] | None]:
     """(routed experts, labels with `base` last, train, val, active router's (version, path))."""
     with sessions() as session:
@@ -253,7 +253,7 @@ def train_router(
 ) -> RouterReport:
     """Train, evaluate against the active router, store, and (per `promote`: auto/always/never) promote."""
     config = config or RouterTrainConfig(top_k=settings.router_top_k)
-    experts, labels, train, val, active_info = _registry_state(sessions)
+    experts, labels, train, val, active_info = routable_state(sessions)
     for extra, target in ((extra_train, train), (extra_val, val)):
         if extra:
             for text, label, source in zip(extra.texts, extra.labels, extra.sources, strict=True):

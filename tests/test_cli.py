@@ -158,6 +158,7 @@ def test_routing_commands_refuse_before_the_backbone(home, tmp_path, capsys):
     assert "No router is active" in refused(capsys, "eval", "qa", "--input", str(qa))
     assert "labelled requests" in refused(capsys, "router", "retrain", "--from-logs")
     assert "ISO date" in refused(capsys, "router", "retrain", "--from-logs", "--since", "yesterday")
+    assert "has routing prompts" in refused(capsys, "router", "train")
 
 
 def test_bad_settings_and_deploy_config_are_one_line(home, tmp_path, capsys, monkeypatch):

@@ -1,5 +1,5 @@
 """Request fidelity end to end with the official `openai` client: the app over an in-process pool of the tiny
-random Llama (no Ray), served by uvicorn on 127.0.0.1, driven with every request field issue 22 adds: n,
+random Llama (no Ray), served by uvicorn on 127.0.0.1, driven with every supported request field: n,
 max_completion_tokens, logprobs/top_logprobs (chat) and logprobs (completions), penalties, logit_bias, seed,
 stream_options.include_usage, content parts, the developer role, prompt lists, user, and the 400 refusals.
 

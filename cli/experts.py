@@ -30,8 +30,7 @@ LIST_HELP = (
 def check_add(ctx: Context, args: argparse.Namespace) -> None:
     """The checks of `expert add` that need no model, cheapest first: bad input is refused before the backbone
     loads (seconds to minutes), a bad name before even the registry opens. The rules live in core.names,
-    the registry and experts.*; the pipelines apply them again, plus the record count and the adapter's rank
-    and fit to the backbone."""
+    the registry and experts.*; the pipelines apply them again, plus the adapter's rank and fit to the backbone."""
     if (args.data is None) == (args.adapter is None):
         raise InvalidInputError("Give exactly one of --data FILE or --adapter DIR.")
     validate_expert_name(args.name)
@@ -44,9 +43,9 @@ def check_add(ctx: Context, args: argparse.Namespace) -> None:
 
         load_texts(args.prompts)
     if args.data is not None:
-        from experts.data import load_examples
+        from experts.data import MIN_EXAMPLES, load_examples
 
-        load_examples(args.data)  # exists, a known format, every record well formed; the pipeline counts them
+        load_examples(args.data, min_records=MIN_EXAMPLES)  # exists, a known format, well formed, enough records
     else:
         from experts.adapters import load_lora_weights
 

@@ -103,6 +103,10 @@ def _iter_records(path: Path) -> Iterable[tuple[str, object]]:
         raise DataFormatError(f"{path.name}: unsupported file type {suffix!r}; use .jsonl or .csv.")
 
 
+MIN_EXAMPLES = 4
+"""Fewest records a new expert trains from: one fifth goes to the held-out split, and it must not be empty."""
+
+
 def load_examples(path: str | Path, min_records: int = 1) -> list[ChatExample]:
     """Read and validate a whole data file before anything trains on it."""
     path = Path(path)

@@ -23,7 +23,7 @@ from core.errors import DataFormatError
 from core.settings import Settings
 from experts.adapters import lora_config_from_settings, validate_expert_name, write_metadata
 from experts.backbone import Backbone
-from experts.data import ChatExample, load_examples, load_texts, tokenize_example
+from experts.data import MIN_EXAMPLES, ChatExample, load_examples, load_texts, tokenize_example
 from experts.seed import split_examples, split_texts
 from experts.training import TrainConfig, mean_nll, train_lora
 from pipelines.plots import save_loss_curve
@@ -33,7 +33,6 @@ from registry.models import ExpertStatus
 
 logger = logging.getLogger(__name__)
 
-MIN_EXAMPLES = 4
 
 
 @dataclass

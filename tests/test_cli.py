@@ -138,6 +138,9 @@ def test_expert_add_refuses_bad_input_before_the_backbone(home, tmp_path, capsys
     assert "exactly one of" in refused(capsys, "expert", "add", "hr")
     assert "does not exist" in refused(capsys, "expert", "add", "hr", "--data", str(tmp_path / "missing.jsonl"))
     assert "line 2" in refused(capsys, "expert", "add", "hr", "--data", str(broken))
+    few = tmp_path / "few.jsonl"
+    few.write_text("".join(json.dumps({"prompt": f"q{i}", "response": f"a{i}"}) + "\n" for i in range(2)))
+    assert "at least 4 needed" in refused(capsys, "expert", "add", "hr", "--data", str(few))
     assert "line 1" in refused(capsys, "expert", "add", "hr", "--data", str(good), "--prompts", str(good))
     assert "pickled" in refused(capsys, "expert", "add", "hr", "--adapter", str(pickled))
     assert "does not exist" in refused(capsys, "expert", "add", "hr", "--adapter", str(tmp_path / "nowhere"))

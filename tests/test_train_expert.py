@@ -139,7 +139,8 @@ def test_expert_add_warns_when_the_expert_is_worse_than_the_backbone(settings, m
     monkeypatch.setattr(cli.Context, "backbone", None)
     monkeypatch.setenv("MOE_HOME", str(settings.home))
     data = tmp_path / "hr.jsonl"
-    data.write_text('{"prompt": "how many leave days do I have", "response": "Check the HR portal."}\n')
+    data.write_text("".join(f'{{"prompt": "how many leave days do I have ({i})", "response": "Check the HR portal."}}\n'
+                            for i in range(4)))  # the fewest records `expert add` accepts
     for loss, warned in ((2.2, True), (1.5, False)):
         outcome["loss"] = loss
         assert cli.main(["expert", "add", "hr", "--data", str(data), "--no-router"]) == 0

@@ -53,13 +53,6 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)."
     )
-    backbone_quant: Literal["auto", "none", "int8", "fp16"] = Field(
-        default="auto",
-        description="Low-bit copy of the backbone's linear layers (LM head included) that served passes read; CPU "
-        "only (fbgemm). The experts' LoRA weights, the router's features and training keep the fp32 weights. "
-        "'auto' = int8 on a CPU with fbgemm, none on CUDA (bf16 there); 'int8' = int8 weights per output channel, "
-        "inputs quantized to 8 bits per call; 'fp16' = fp16 weights, fp32 inputs; 'none' = the fp32 weights.",
-    )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process; 0 = leave torch's default."
     )
@@ -161,13 +154,6 @@ class Settings(BaseSettings):
         if not self.router_layers and not self.router_sentence_encoder:
             raise ValueError("MOE_ROUTER_LAYERS is empty and MOE_ROUTER_SENTENCE_ENCODER is '': the router would "
                              "read nothing; set at least one")
-        return self
-
-    @model_validator(mode="after")
-    def _quant_runs_on_cpu(self) -> Settings:
-        if self.device == "cuda" and self.backbone_quant not in ("auto", "none"):
-            raise ValueError(f"MOE_BACKBONE_QUANT={self.backbone_quant!r} runs on a CPU only (fbgemm kernels); "
-                             "with MOE_DEVICE=cuda use 'auto' or 'none' (the GPU serves bf16)")
         return self
 
     @property

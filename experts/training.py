@@ -13,6 +13,7 @@ import torch
 from tqdm.auto import tqdm
 
 from experts.data import TokenizedExample
+from experts.quant import refuse_quantized
 
 logger = logging.getLogger(__name__)
 
@@ -195,6 +196,7 @@ def train_lora(
 
     `on_epoch(epoch)` returns a held-out loss; with `config.keep_best_epoch` the trainable weights of the
     epoch with the lowest one are restored at the end (small domain sets overfit after a few epochs)."""
+    refuse_quantized(model)  # experts learn on the full-precision backbone, whatever serves them
     torch.manual_seed(config.seed)
     rng = random.Random(config.seed)
     device = next(model.parameters()).device

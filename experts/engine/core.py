@@ -29,6 +29,7 @@ from experts.engine.sampler import sample
 from experts.engine.scheduler import Scheduler
 from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
+from experts.quant import resolve_quant
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from core.settings import Settings
@@ -46,8 +47,9 @@ class GenerationEngine:
         self.settings = settings
         self.model = backbone.model
         self.tokenizer = backbone.tokenizer
-        self.multi = multi or MultiLoraModel(self.model)
         self.device = backbone.device
+        # low-bit copies of the linear layers for this engine's passes (CPU); the fp32 weights stay for the rest
+        self.multi = multi or MultiLoraModel(self.model, quant=resolve_quant(settings.backbone_quant, self.device))
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tokenizer.eos_token_id)

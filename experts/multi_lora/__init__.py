@@ -22,6 +22,9 @@ the batch's routing (kernel choice, the [N, U*r] gate mask, the compact stacks) 
 in `set_mixtures`; a layer's forward is then a few tensor ops on 2-D views, no per-row Python.
 docs/benchmarks.md has the measurements.
 
+On a CPU the base term W x of a served pass comes from a low-bit (fp16) copy of W (experts.quant,
+MOE_BACKBONE_QUANT); the adapters stay fp32, their A's a stack of their own instead of rows under W.
+
 Modules: `metadata` (the kernel enum and the per-pass routing tensors), `layers` (MultiLoraLinear and the
 shared-input groups), `manager` (MultiLoraModel: adapter slots, stacking, per-pass preparation).
 """

@@ -4,10 +4,15 @@ of attention, gate/up of the MLP). Both read the pass's routing from the shared 
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 from torch import nn
 
 from experts.multi_lora.metadata import GateState, LoraKernel
+
+if TYPE_CHECKING:
+    from experts.quant import QuantizedLinear
 
 
 class InputGroup:
@@ -15,7 +20,8 @@ class InputGroup:
     the first member's (the leader's) base weight: W_aug = [W_leader; A_1; ...; A_G] ([out + G*S*r, in]).
     With every slot stacked, the leader's one contiguous matmul yields its base output and the whole group's
     down-projections together; decode on a CPU is bound by streaming weights, and one long stream beats a
-    big one plus a small cold one."""
+    big one plus a small cold one. A leader with a low-bit copy (MOE_BACKBONE_QUANT) cannot be concatenated with
+    fp32 A's: its group keeps the A's as a [G, S, r, in] stack of their own, one small fp32 matmul per group."""
 
     def __init__(self, members: list[MultiLoraLinear], state: GateState) -> None:
         self.members = members
@@ -37,8 +43,9 @@ class InputGroup:
         leader = self.leader.base
         out_features = leader.out_features
         weight = leader.weight.data
-        if lora_a is None:
-            self.augmented = self.lora_a = None
+        if lora_a is None or self.leader.quant is not None:
+            # a quantized leader serves from its packed copy: the A's are a stack of their own ([G, S, r, in])
+            self.augmented, self.lora_a = None, lora_a
             if weight.untyped_storage().nbytes() > weight.numel() * weight.element_size():
                 leader.weight.data = weight.clone()  # release the old A rows
         else:
@@ -65,7 +72,8 @@ class InputGroup:
 
     def remember(self, x: torch.Tensor, h: torch.Tensor) -> tuple[torch.Tensor, ...]:
         """Apply the gate mask to the group's down-projection h [N*T, G*U*r] and split it per member."""
-        masked = h * self.state.mask_for(len(self.members), h.shape[0])
+        mask = self.state.mask_for(len(self.members), h.shape[0])
+        masked = h if mask is None else h * mask
         parts = (masked,) if len(self.members) == 1 else masked.split(h.shape[1] // len(self.members), dim=1)
         self._input, self._input_version, self._parts = x, x._version, parts
         return parts
@@ -91,6 +99,7 @@ class MultiLoraLinear(nn.Module):
         self.lora_bt: torch.Tensor | None = None  # [S, r, out], B transposed, scaling folded in
         self.flat_bt: torch.Tensor | None = None  # [S*r, out], a view of lora_bt
         self.compact_bt: torch.Tensor | None = None  # [U*r, out] for the used slots of a compact pass
+        self.quant: QuantizedLinear | None = None  # low-bit copy of base, read by quantized passes only
 
     @property
     def in_features(self) -> int:
@@ -113,33 +122,40 @@ class MultiLoraLinear(nn.Module):
         """Gather the used slots' B^T rows ([U*r, out])."""
         self.compact_bt = self.lora_bt.index_select(0, index).reshape(-1, self.lora_bt.shape[-1])
 
+    def _base(self, x: torch.Tensor) -> torch.Tensor:
+        """W x + b: from the low-bit copy in a quantized pass, else F.linear on the wrapped weights (not
+        self.base(x): one module call less per layer and step)."""
+        if self.quant is not None and self.state.quantized:
+            return self.quant(x)
+        return nn.functional.linear(x, self.base.weight, self.base.bias)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.state.kernel
         if kernel is None or self.flat_bt is None:
-            # F.linear on the wrapped weights, not self.base(x): one module call less per layer and step
-            return nn.functional.linear(x, self.base.weight, self.base.bias)
+            return self._base(x)
         if kernel is LoraKernel.GATHERED:
             return self._gathered(x)
         group = self.group
         x2 = x.reshape(-1, x.shape[-1])  # [N*T, in], a view for the contiguous hidden states
         parts = group.cached(x)
         if parts is None:
-            if kernel is LoraKernel.STACKED and self.group_index == 0:
+            if kernel is LoraKernel.STACKED and self.group_index == 0 and group.augmented is not None:
                 # the base output and the whole group's down-projection from one matmul over W_aug
                 y, h = nn.functional.linear(x2, group.augmented).split(group.split_sizes, dim=1)
                 if self.base.bias is not None:
                     y = y + self.base.bias
                 y.addmm_(group.remember(x, h)[0], self.flat_bt)
                 return y.view(*x.shape[:-1], -1)
+            # a quantized leader, a compact pass, or a sibling that runs first: A on its own, [N*T, G*U*r]
             a = group.lora_a.view(-1, x2.shape[-1]) if kernel is LoraKernel.STACKED else group.compact_a
             parts = group.remember(x, nn.functional.linear(x2, a))  # G x [N*T, U*r]
-        y = nn.functional.linear(x2, self.base.weight, self.base.bias)  # [N*T, out]
+        y = self._base(x2)  # [N*T, out]
         y.addmm_(parts[self.group_index], self.flat_bt if kernel is LoraKernel.STACKED else self.compact_bt)
         return y.view(*x.shape[:-1], -1)
 
     def _gathered(self, x: torch.Tensor) -> torch.Tensor:
         state = self.state
-        y = nn.functional.linear(x, self.base.weight, self.base.bias)
+        y = self._base(x)
         a = self.lora_a[state.slot_ids]  # [N, k, r, in]
         bt = self.lora_bt[state.slot_ids]  # [N, k, r, out]
         h = torch.einsum("nti,nkri->ntkr", x, a) * state.weights[:, None, :, None]

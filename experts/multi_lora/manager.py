@@ -13,6 +13,7 @@ from torch import nn
 
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear
 from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
+from experts.quant import quantize_linear
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from experts.adapters import LoraWeights
@@ -33,8 +34,11 @@ class MultiLoraModel:
 
     def __init__(
         self, model: nn.Module, stacked_max_columns: int = STACKED_MAX_COLUMNS,
-        compact_max_columns: int = COMPACT_MAX_COLUMNS,
+        compact_max_columns: int = COMPACT_MAX_COLUMNS, quant: str = "none",
     ) -> None:
+        """`quant` ('none' or 'fp16'; experts.quant): the low-bit copy that routed passes read for every
+        linear layer, LM head included. The fp32 weights stay: passes outside `routing` (router features, a plain
+        forward) compute what they did."""
         self.model = model
         self.state = GateState()
         self.stacked_max_columns = stacked_max_columns
@@ -46,6 +50,9 @@ class MultiLoraModel:
         self._compacted: tuple[int, ...] | None = None  # the slots the compact stacks hold now
         self.rank = 0
         self._reference = next(model.parameters())  # device and dtype of the backbone
+        self.quant = quant
+        if quant != "none":
+            self._quantize(quant)
 
     # ---- adapters ----------------------------------------------------------------------
     @property
@@ -61,12 +68,37 @@ class MultiLoraModel:
         parent_path, _, child = path.rpartition(".")
         parent = self.model.get_submodule(parent_path)
         base = getattr(parent, child)
+        previous = base if isinstance(base, MultiLoraLinear) else None
+        if previous is not None:  # a wrapper of an earlier MultiLoraModel on this model: this one takes over
+            base = previous.base
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{path} is not nn.Linear")
         layer = MultiLoraLinear(base, self.state)
+        if previous is not None and previous.quant is not None and previous.quant.mode == self.quant:
+            layer.quant = previous.quant  # packing takes seconds; the fp32 weights it was packed from are the same
         setattr(parent, child, layer)
         self.layers[path] = layer
         return layer
+
+    def _quantize(self, mode: str) -> None:
+        """Wrap every linear layer (LM head included: a fifth of SmolLM2's bytes per step) and give it a low-bit
+        copy; layers no adapter targets get no LoRA stack (see _rebuild)."""
+        wrapped: set[str] = set()
+        paths = []
+        for path, module in self.model.named_modules():  # parents come before their children
+            if isinstance(module, MultiLoraLinear):
+                wrapped.add(path)
+                paths.append(path)
+            elif isinstance(module, nn.Linear) and path.rpartition(".")[0] not in wrapped:
+                paths.append(path)
+        for path in paths:
+            layer = self._wrap(path)
+            if layer.quant is None:
+                layer.quant = quantize_linear(layer.base, mode)
+
+    def quantized_bytes(self) -> int:
+        """Weight bytes a quantized pass reads for the linear layers (0 when not quantized)."""
+        return sum(layer.quant.nbytes for layer in self.layers.values() if layer.quant is not None)
 
     def add_adapter(self, weights: LoraWeights) -> int:
         """Load (or replace) an adapter; returns its slot. Rebuilds the stacks of every layer (~ms)."""
@@ -89,10 +121,10 @@ class MultiLoraModel:
             self.slots.pop()
         self._rebuild()
 
-    def _make_groups(self) -> list[list[str]]:
+    def _make_groups(self, paths: Sequence[str]) -> list[list[str]]:
         """Wrapped layers grouped by shared input: known sibling sets under one parent; the rest alone."""
         by_parent: dict[str, dict[str, str]] = {}
-        for path in self.layers:
+        for path in paths:
             parent, _, child = path.rpartition(".")
             by_parent.setdefault(parent, {})[child] = path
         groups: list[list[str]] = []
@@ -112,37 +144,43 @@ class MultiLoraModel:
         self._compacted = None  # set_stack drops the compact stacks
         live = [w for w in self.slots if w is not None]
         self.rank = max((w.rank for w in live), default=0)
-        num_slots = len(self.slots)
+        # Only layers some loaded adapter adapts get stacks: a quantized model wraps every linear (LM head too),
+        # and zero stacks there would cost memory and matmuls per expert for nothing.
+        targeted = {path for w in live for path in w.modules}
         self.groups = []
         self.clear()
-        for paths in self._make_groups():
-            members = [self.layers[p] for p in paths]
-            group = InputGroup(members, self.state)
-            self.groups.append(group)
-            ref = members[0].base.weight
-            if num_slots == 0:
-                group.set_stack(None)
-                for layer in members:
-                    layer.group = group
-                    layer.set_stack(None, None)
-                continue
-            # Zero-padded to the largest rank: zero rows/columns add nothing to the output.
-            lora_a = torch.zeros(len(members), num_slots, self.rank, members[0].in_features, dtype=ref.dtype,
-                                 device=ref.device)
-            stacks_bt = []
-            for index, (path, layer) in enumerate(zip(paths, members, strict=True)):
-                lora_bt = torch.zeros(num_slots, self.rank, layer.out_features, dtype=ref.dtype, device=ref.device)
-                for slot, weights in enumerate(self.slots):
-                    if weights is None or path not in weights.modules:
-                        continue
-                    a, b = weights.modules[path]
-                    lora_a[index, slot, : a.shape[0]] = a.to(ref.device, ref.dtype)
-                    lora_bt[slot, : b.shape[1]] = b.t().to(ref.device, ref.dtype)
-                stacks_bt.append(lora_bt)
-            group.set_stack(lora_a)  # copies A under the leader's weight; members get views of it
-            for index, layer in enumerate(members):
-                layer.group = group
-                layer.set_stack(group.lora_a[index], stacks_bt[index])
+        for path, layer in self.layers.items():
+            if path not in targeted:
+                InputGroup([layer], self.state).set_stack(None)  # releases A rows a W_aug may still hold
+                layer.group = None
+                layer.set_stack(None, None)
+        for paths in self._make_groups([p for p in self.layers if p in targeted]):
+            self.groups.append(self._stack_group(paths))
+
+    def _stack_group(self, paths: list[str]) -> InputGroup:
+        """Stack every slot's A (under the leader's weight) and B^T ([S, r, out]) for one input group."""
+        members = [self.layers[p] for p in paths]
+        group = InputGroup(members, self.state)
+        ref = members[0].base.weight
+        num_slots = len(self.slots)
+        # Zero-padded to the largest rank: zero rows/columns add nothing to the output.
+        lora_a = torch.zeros(len(members), num_slots, self.rank, members[0].in_features, dtype=ref.dtype,
+                             device=ref.device)
+        stacks_bt = []
+        for index, (path, layer) in enumerate(zip(paths, members, strict=True)):
+            lora_bt = torch.zeros(num_slots, self.rank, layer.out_features, dtype=ref.dtype, device=ref.device)
+            for slot, weights in enumerate(self.slots):
+                if weights is None or path not in weights.modules:
+                    continue
+                a, b = weights.modules[path]
+                lora_a[index, slot, : a.shape[0]] = a.to(ref.device, ref.dtype)
+                lora_bt[slot, : b.shape[1]] = b.t().to(ref.device, ref.dtype)
+            stacks_bt.append(lora_bt)
+        group.set_stack(lora_a)  # copies A under the leader's weight; members get views of it
+        for index, layer in enumerate(members):
+            layer.group = group
+            layer.set_stack(group.lora_a[index], stacks_bt[index])
+        return group
 
     def adapter_bytes(self) -> int:
         return sum(
@@ -163,12 +201,20 @@ class MultiLoraModel:
         return self._kernel([[(self._slot_index[name], w) for name, w in m] for m in mixtures])
 
     def _kernel(self, slots: Sequence[SlotMixture]) -> LoraKernel:
-        return choose_kernel(len(self.slots), self.rank, slots, self.stacked_max_columns, self.compact_max_columns)
+        kernel = choose_kernel(len(self.slots), self.rank, slots, self.stacked_max_columns, self.compact_max_columns)
+        if kernel is LoraKernel.STACKED and self.quant != "none":
+            # No W_aug to ride on over a low-bit base: a slot the batch does not use would only add A and B bytes
+            # and FLOPs to every layer (a single stream with 1 of 4 experts reads a quarter of them compact).
+            used = {slot for mixture in slots for slot, _ in mixture}
+            if len(used) < len(self._slot_index):
+                return LoraKernel.COMPACT
+        return kernel
 
     def set_mixtures(self, mixtures: Sequence[Mixture]) -> None:
         """Route row n of the next forward passes to mixtures[n]. Unknown names raise KeyError."""
         state = self.state
         self.clear()
+        state.quantized = self.quant != "none"
         if not self.slots or not any(mixtures):
             return
         index = self._slot_index

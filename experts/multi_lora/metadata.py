@@ -44,16 +44,23 @@ class GateState:
 
     kernel: LoraKernel | None = None
     """The kernel of this pass; None = the bare backbone."""
+    quantized: bool = False
+    """Whether this pass reads the layers' low-bit copies (a served pass on a quantized backbone)."""
     dense_mask: torch.Tensor | None = None
     """[N, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked/compact)."""
     slot_ids: torch.Tensor | None = None
     """[N, k] slot index per row and mixture position (gathered kernel)."""
     weights: torch.Tensor | None = None
     """[N, k] gate weight per row and mixture position; 0 for padding positions."""
+    all_ones: bool = False
+    """dense_mask is all ones: the layers skip the mask product (one op per group and layer)."""
     row_masks: dict[tuple[int, int], torch.Tensor] = field(default_factory=dict)
     """(group size G, tokens N*T) -> dense_mask tiled G times and repeated per token ([N*T, G*U*r])."""
 
-    def mask_for(self, group_size: int, tokens: int) -> torch.Tensor:
+    def mask_for(self, group_size: int, tokens: int) -> torch.Tensor | None:
+        """None when every gate is 1 (every row uses the one stacked slot, e.g. a single stream): nothing to mask."""
+        if self.all_ones:
+            return None
         key = (group_size, tokens)
         mask = self.row_masks.get(key)
         if mask is None:
@@ -66,6 +73,7 @@ class GateState:
 
     def reset(self) -> None:
         self.kernel = self.dense_mask = self.slot_ids = self.weights = None
+        self.quantized = self.all_ones = False
         self.row_masks = {}
 
     def set_gathered(self, slots: Sequence[SlotMixture], reference: torch.Tensor) -> None:
@@ -87,3 +95,4 @@ class GateState:
         self.dense_mask = torch.tensor(dense, dtype=reference.dtype, device=reference.device).repeat_interleave(
             rank, dim=1
         )
+        self.all_ones = all(value == 1.0 for row in dense for value in row)

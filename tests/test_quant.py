@@ -1,0 +1,194 @@
+"""The low-bit serving copy of the backbone (MOE_BACKBONE_QUANT): served passes match the fp32 backbone within
+stated tolerances, bare and with multi-LoRA rows, for every kernel; everything outside a served pass (router
+features, a plain forward) is bit-identical to fp32; training refuses a quantized model; the setting refuses
+what it cannot run.
+
+Tolerance: fp16 weights with fp32 inputs and accumulation, on the tiny random Llama (logits within about +-1.2):
+1e-3 absolute on the logits (measured worst case 3e-4)."""
+
+from __future__ import annotations
+
+import asyncio
+import copy
+
+import pytest
+import torch
+from pydantic import ValidationError
+
+from core.settings import Settings
+from experts.adapters import load_lora_weights
+from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
+from experts.multi_lora import MultiLoraModel
+from experts.quant import fbgemm_available, refuse_quantized, resolve_quant
+from experts.training import TrainConfig, train_lora
+from router.features import FeatureEncoder
+from tests.test_multi_lora import KERNELS, _random_adapter
+
+pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 CPU kernels) not in this torch build")
+
+TOLERANCE = {"fp16": 1e-3}
+MODES = pytest.mark.parametrize("mode", ["fp16"])
+
+
+@pytest.fixture
+def adapters(backbone, tmp_path):
+    return {name: _random_adapter(backbone.model, tmp_path, name, rank=rank, seed=seed)
+            for name, rank, seed in (("a", 4, 1), ("b", 8, 2), ("c", 4, 3))}
+
+
+def test_setting_refuses_what_it_cannot_run(tmp_path, monkeypatch):
+    for value in ("int4", "INT8", "q4_1", "bf16"):
+        with pytest.raises(ValidationError, match="backbone_quant"):
+            Settings(home=tmp_path, backbone_quant=value)
+    with pytest.raises(ValidationError, match=r"MOE_BACKBONE_QUANT='int8' is not offered: .*NLL"):
+        Settings(home=tmp_path, backbone_quant="int8")
+    monkeypatch.setenv("MOE_BACKBONE_QUANT", "int3")
+    with pytest.raises(ValidationError, match="backbone_quant"):
+        Settings(home=tmp_path)
+    monkeypatch.setenv("MOE_BACKBONE_QUANT", "fp16")
+    assert Settings(home=tmp_path).backbone_quant == "fp16"
+    with pytest.raises(ValidationError, match="MOE_BACKBONE_QUANT='fp16' runs on a CPU only"):
+        Settings(home=tmp_path, device="cuda", backbone_quant="fp16")
+    assert Settings(home=tmp_path, device="cuda", backbone_quant="auto").backbone_quant == "auto"
+    assert resolve_quant("auto", torch.device("cpu")) == "fp16"
+    assert resolve_quant("auto", torch.device("cuda")) == "none"  # the GPU keeps its bf16 backbone
+    assert resolve_quant("none", torch.device("cpu")) == "none"
+    with pytest.raises(ValueError, match="not on cuda"):
+        resolve_quant("fp16", torch.device("cuda"))
+    with pytest.raises(ValueError, match="'int4' is not supported"):
+        resolve_quant("int4", torch.device("cpu"))
+
+
+@MODES
+def test_bare_forward_matches_fp32_and_plain_passes_stay_exact(backbone, mode):
+    ids = torch.randint(0, backbone.model.config.vocab_size, (3, 9))
+    with torch.no_grad():
+        reference = backbone.model(input_ids=ids).logits
+    multi = MultiLoraModel(backbone.model, quant=mode)
+    assert multi.quantized_bytes() > 0
+    assert type(backbone.model.lm_head).__name__ == "MultiLoraLinear"  # the LM head is served low-bit too
+    with torch.no_grad():
+        with multi.routing([[], [], []]):
+            served = backbone.model(input_ids=ids).logits
+        plain = backbone.model(input_ids=ids).logits
+    torch.testing.assert_close(served, reference, rtol=0, atol=TOLERANCE[mode])
+    assert not torch.equal(served, reference)  # the served pass did read the low-bit copy
+    torch.testing.assert_close(plain, reference, rtol=0, atol=0)  # outside a served pass: the fp32 weights
+
+
+@MODES
+@KERNELS
+def test_multi_lora_rows_match_fp32(backbone, adapters, mode, stacked_max_columns, compact_max_columns, kernel):
+    """Mixed rows (top-1, top-2, bare) on the quantized base against the same rows on the fp32 base; the LoRA
+    deltas themselves are fp32 in both."""
+    ids = torch.randint(0, backbone.model.config.vocab_size, (4, 7))
+    mixtures = [[("a", 1.0)], [("b", 0.7), ("c", 0.3)], [], [("c", 1.0)]]
+    outputs = {}
+    for quant in ("none", mode):
+        model = copy.deepcopy(backbone.model)
+        multi = MultiLoraModel(model, stacked_max_columns, compact_max_columns, quant=quant)
+        for name, path in adapters.items():
+            multi.add_adapter(load_lora_weights(path, name))
+        assert multi.kernel_for(mixtures) == kernel
+        with torch.no_grad(), multi.routing(mixtures):
+            outputs[quant] = model(input_ids=ids).logits
+        with torch.no_grad(), multi.routing([[]] * 4):
+            outputs[quant + "-bare"] = model(input_ids=ids).logits
+    torch.testing.assert_close(outputs[mode], outputs["none"], rtol=0, atol=TOLERANCE[mode])
+    # the experts still change the output as much as they do on fp32 (not silently dropped)
+    delta_fp32 = outputs["none"] - outputs["none-bare"]
+    delta_quant = outputs[mode] - outputs[mode + "-bare"]
+    assert delta_fp32[[0, 1, 3]].abs().max() > 10 * TOLERANCE[mode]
+    torch.testing.assert_close(delta_quant, delta_fp32, rtol=0, atol=2 * TOLERANCE[mode])
+
+
+def test_memory_per_expert_is_unchanged(backbone, adapters):
+    """Stacks only for the layers an adapter adapts: the LM head and other wrapped-for-quant layers get none."""
+    sizes = {}
+    for quant in ("none", "fp16"):
+        multi = MultiLoraModel(copy.deepcopy(backbone.model), quant=quant)
+        for name, path in adapters.items():
+            multi.add_adapter(load_lora_weights(path, name))
+        sizes[quant] = multi.adapter_bytes()
+        assert multi.layers["lm_head"].lora_a is None if quant == "fp16" else "lm_head" not in multi.layers
+    assert sizes["fp16"] == sizes["none"] > 0
+
+
+def test_router_features_stay_fp32_on_a_served_model(backbone):
+    """A process that routes and serves on one model (the CLI, `moe eval`) reads fp32 features: the router was
+    trained on them."""
+    texts = ["my order never arrived", "headache and fever since yesterday"]
+    before = FeatureEncoder(copy.deepcopy(backbone.model), backbone.tokenizer, [1, 2]).encode(texts)
+    MultiLoraModel(backbone.model, quant="fp16")
+    after = FeatureEncoder(backbone.model, backbone.tokenizer, [1, 2]).encode(texts)
+    torch.testing.assert_close(after, before, rtol=0, atol=0)
+
+
+def test_training_refuses_a_quantized_backbone(backbone):
+    MultiLoraModel(backbone.model, quant="fp16")
+    with pytest.raises(ValueError, match="trained on the full-precision backbone"):
+        refuse_quantized(backbone.model)
+    with pytest.raises(ValueError, match="trained on the full-precision backbone"):
+        train_lora(backbone.model, [], TrainConfig(), pad_id=0)
+
+
+def test_a_second_engine_takes_over_the_wrappers(backbone):
+    """Pools built one after another on one backbone (bench.quality does): the later one re-wraps the earlier
+    one's layers and reuses their packed copies."""
+    first = MultiLoraModel(backbone.model, quant="fp16")
+    second = MultiLoraModel(backbone.model, quant="fp16")
+    path = "model.layers.0.mlp.down_proj"
+    assert second.layers[path] is not first.layers[path]
+    assert second.layers[path].quant is first.layers[path].quant
+    assert backbone.model.get_submodule(path) is second.layers[path]
+
+
+def _greedy_with_margins(multi: MultiLoraModel, mixture, prompt: list[int], steps: int) -> tuple[list, list]:
+    """Greedy tokens through served passes, and each step's top-1 minus top-2 logit."""
+    ids, tokens, margins = torch.tensor([prompt]), [], []
+    with torch.no_grad():
+        for _ in range(steps):
+            with multi.routing([mixture]):
+                top = multi.model(input_ids=ids).logits[0, -1].topk(2)
+            tokens.append(int(top.indices[0]))
+            margins.append(float(top.values[0] - top.values[1]))
+            ids = torch.cat([ids, top.indices[:1].view(1, 1)], dim=1)
+    return tokens, margins
+
+
+def test_engine_greedy_tokens_agree_where_margins_allow(backbone, settings, adapters):
+    """The fp16 engine's greedy tokens (one batch of bare and expert rows) equal fp32's up to the first step whose
+    fp32 top-2 margin is within twice the logit tolerance (a flip there is rounding, not a bug)."""
+    reference = MultiLoraModel(copy.deepcopy(backbone.model))
+    settings.backbone_quant = "auto"  # fp16 on this CPU
+    engine = GenerationEngine(backbone, settings)
+    for name, path in adapters.items():
+        reference.add_adapter(load_lora_weights(path, name))
+        engine.add_adapter(load_lora_weights(path, name))
+    assert engine.multi.quant == "fp16"
+    tok = backbone.tokenizer
+    prompts = [tok(t, add_special_tokens=False)["input_ids"]
+               for t in ("my order never arrived", "headache and fever since", "roth ira or", "the quick brown")]
+    mixtures = [[], [("a", 1.0)], [], [("b", 0.6), ("c", 0.4)]]
+    engine.eos_ids = set()
+    params = SamplingParams(max_tokens=6, temperature=0, stop=(), logprobs=0)
+
+    async def complete_all() -> list:
+        return await asyncio.gather(*(engine.complete(GenerationRequest(p, m, params))
+                                      for p, m in zip(prompts, mixtures, strict=True)))
+
+    engine.start()
+    try:
+        events = asyncio.run(complete_all())  # one batch: the rows decode together
+    finally:
+        engine.stop()
+    compared = 0
+    for prompt, mixture, event in zip(prompts, mixtures, events, strict=True):
+        expected, margins = _greedy_with_margins(reference, mixture, prompt, 6)
+        served = [item.token_id for item in event.logprobs]
+        for step, margin in enumerate(margins):
+            if margin < 2 * TOLERANCE["fp16"]:
+                break
+            assert served[step] == expected[step], (prompt, mixture, step, margin)
+            compared += 1
+    assert compared >= 12

@@ -245,7 +245,7 @@ def main(argv: list[str] | None = None) -> None:
                         help="route at most this many dev queries per domain (a quick smoke run)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
-    for noisy in ("alembic", "httpx", "mlflow"):
+    for noisy in ("alembic", "httpx", "httpx2", "mlflow"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     torch.manual_seed(0)
     queries = load_routing()

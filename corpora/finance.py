@@ -23,6 +23,8 @@ from corpora.base import Files, Record, Source, csv_rows
 
 # --- Ask CFPB (catops/ask-cfpb-bot) ----------------------------------------------------------------------
 
+ASK_CFPB_REPO = "catops/ask-cfpb-bot"
+ASK_CFPB_COMMIT = "90c86064c751cb47107b65749d9b37e73732d252"
 ASK_CFPB_PATH = "ask.csv"
 
 _LEGAL_QUESTION = re.compile(
@@ -41,25 +43,35 @@ _SERVICING_QUESTION = re.compile(
 _MAX_ANSWER = 2000
 
 
+def ask_cfpb_entries(files: Files) -> Iterator[tuple[str, str, str]]:
+    """(topic, question, answer) of every APPROVED Ask CFPB entry. The full answer is used; where it is longer
+    than the 2,000-character limit the agency's own short answer is used instead, if there is one."""
+    for row in csv_rows(files[ASK_CFPB_PATH]):
+        if row.get("Status") != "APPROVED":
+            continue
+        question = html.unescape(row.get("Question") or "").strip()
+        answer = html.unescape(row.get("Answer") or "").strip()
+        if len(answer) > _MAX_ANSWER:
+            answer = html.unescape(row.get("ShortAnswer") or "").strip()
+        if question and answer:
+            yield row.get("Topic") or "", question, answer
+
+
+def is_legal_question(topic: str, question: str) -> bool:
+    """The Ask CFPB entries that belong to `legal`: the "Debt collection" topic (collectors' conduct, the law
+    that limits it) and questions about one's rights, courts, foreclosure or bankruptcy."""
+    return topic == "Debt collection" or bool(_LEGAL_QUESTION.search(question))
+
+
 def parse_ask_cfpb(files: Files) -> Iterator[Record]:
     """Ask CFPB: the Consumer Financial Protection Bureau's consumer-finance Q&A knowledge base (a 2017 export
     of consumerfinance.gov/askcfpb, 1,086 entries). Questions are phrased in the consumer's voice ("I applied for
     a credit card and was turned down. What can I do?"), answers are written by the agency.
 
-    Kept: APPROVED entries outside the "Debt collection" topic whose question does not ask about rights, law,
-    courts, foreclosure or bankruptcy (those belong to `legal`) nor reads as account servicing (lost or
-    stolen cards, "I was charged ... can they do that?": `support`). The full answer is used; where it is longer
-    than the 2,000-character limit the agency's own short answer is used instead, if there is one."""
-    for row in csv_rows(files[ASK_CFPB_PATH]):
-        if row.get("Status") != "APPROVED" or row.get("Topic") == "Debt collection":
-            continue
-        question = html.unescape(row.get("Question") or "").strip()
-        if not question or _LEGAL_QUESTION.search(question) or _SERVICING_QUESTION.search(question):
-            continue
-        answer = html.unescape(row.get("Answer") or "").strip()
-        if len(answer) > _MAX_ANSWER:
-            answer = html.unescape(row.get("ShortAnswer") or "").strip()
-        if answer:
+    Kept for `finance`: the entries that are not legal questions (`is_legal_question`; those go to `legal`) and
+    do not read as account servicing (lost or stolen cards, "I was charged ... can they do that?": `support`)."""
+    for topic, question, answer in ask_cfpb_entries(files):
+        if not is_legal_question(topic, question) and not _SERVICING_QUESTION.search(question):
             yield Record(question, answer)
 
 
@@ -120,8 +132,8 @@ def parse_dolly_openqa_finance(files: Files) -> Iterator[Record]:
 SOURCES: list[Source] = [
     Source(
         name="ask-cfpb",
-        repo="catops/ask-cfpb-bot",
-        commit="90c86064c751cb47107b65749d9b37e73732d252",
+        repo=ASK_CFPB_REPO,
+        commit=ASK_CFPB_COMMIT,
         license="CC0-1.0 (US Government work, public domain)",
         domain="finance",
         role="train",
@@ -130,7 +142,7 @@ SOURCES: list[Source] = [
         parse=parse_ask_cfpb,
         note="Ask CFPB consumer-finance knowledge base (consumer-voice questions, agency answers); debt-collection "
              "topic and rights/law/court questions left out (legal); over-long answers replaced by the short answer.",
-        url="https://github.com/catops/ask-cfpb-bot/blob/90c86064c751cb47107b65749d9b37e73732d252/ask.csv",
+        url=f"https://github.com/{ASK_CFPB_REPO}/blob/{ASK_CFPB_COMMIT}/{ASK_CFPB_PATH}",
     ),
     Source(
         name="clinc-finance",

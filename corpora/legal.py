@@ -2,6 +2,8 @@
 
 train: the utterances of the Legal Navigator (Legal Services Corporation / Microsoft Access-to-Justice portal)
 LUIS intent model, CC BY 4.0: lay questions drawn from state legal-aid self-help content and user phrasings.
+train, qa: the Ask CFPB entries (U.S. Consumer Financial Protection Bureau, public domain) about debt collection and
+consumers' rights, courts, foreclosure and bankruptcy, with the agency's answers (the rest of Ask CFPB is finance's).
 dev: Worker.gov (U.S. Departments of Labor and Justice, EEOC, NLRB; public domain / CC0): first-person worker
 situations ("I was laid off because I told my supervisor I was pregnant.") with the agencies' statement of the
 worker's rights. Small (about 60 items). Licensed, real lay legal Q&A is scarce on GitHub (Law Stack Exchange
@@ -16,6 +18,7 @@ import re
 from collections.abc import Iterator
 
 from corpora.base import Files, Record, Source, recase
+from corpora.finance import ASK_CFPB_COMMIT, ASK_CFPB_PATH, ASK_CFPB_REPO, ask_cfpb_entries, is_legal_question
 
 # --- Legal Navigator LUIS model --------------------------------------------------------------------------------
 
@@ -114,6 +117,17 @@ def parse_worker_gov(files: Files) -> Iterator[Record]:
         yield Record(text, answer)
 
 
+# --- Ask CFPB, its legal part --------------------------------------------------------------------------------
+
+def parse_ask_cfpb_legal(files: Files) -> Iterator[Record]:
+    """The Ask CFPB entries `corpora.finance` leaves out as legal (`is_legal_question`): what debt collectors may
+    and may not do, disputing a debt, foreclosure, bankruptcy, discrimination, one's rights under consumer law;
+    the agency's answers."""
+    for topic, question, answer in ask_cfpb_entries(files):
+        if is_legal_question(topic, question):
+            yield Record(question, answer)
+
+
 SOURCES: list[Source] = [
     Source(
         name="legal-navigator-luis",
@@ -128,6 +142,21 @@ SOURCES: list[Source] = [
         note="Legal-aid questions (Washington/Alaska/Hawaii self-help topics) from the Legal Navigator intent "
              "model; non-legal intents (prebuilt places/events, money, benefits, utilities) and bare topic "
              "headings dropped; lower-case export recased.",
+    ),
+    Source(
+        name="ask-cfpb-legal",
+        repo=ASK_CFPB_REPO,
+        commit=ASK_CFPB_COMMIT,
+        license="CC0-1.0 (US Government work, public domain)",
+        domain="legal",
+        role="train",
+        kind="qa",
+        paths=(ASK_CFPB_PATH,),
+        parse=parse_ask_cfpb_legal,
+        note="Ask CFPB entries of the debt-collection topic and questions about rights, law, courts, foreclosure "
+             "or bankruptcy (the part finance leaves out); consumer-voice questions, agency answers; over-long "
+             "answers replaced by the short answer.",
+        url=f"https://github.com/{ASK_CFPB_REPO}/blob/{ASK_CFPB_COMMIT}/{ASK_CFPB_PATH}",
     ),
     Source(
         name="worker-gov-rights",

@@ -97,3 +97,24 @@ def test_shipped_sources_keep_train_and_dev_apart():
 
 def test_clean_text_keeps_paragraphs():
     assert clean_text("Hi&nbsp;there <i>you</i>\r\n\r\n\r\nBye   now") == "Hi there you\n\nBye now"
+
+
+def test_ask_cfpb_entries_go_to_finance_or_legal_never_both():
+    from corpora.finance import ASK_CFPB_PATH, parse_ask_cfpb
+    from corpora.legal import parse_ask_cfpb_legal
+
+    rows = [
+        ("Credit cards", "What is a credit card interest rate?", "The APR is the yearly cost of credit."),
+        ("Debt collection", "Can a debt collector call me at work?", "Not if you tell them your employer forbids it."),
+        ("Mortgages", "Can my lender foreclose while I apply for help?", "Federal rules limit dual tracking."),
+        ("Bank accounts and services", "My card was stolen. What do I do?", "Call your bank at once."),
+        ("Auto loans", "How do auto loan terms work?", "A longer term lowers the payment but costs more."),
+    ]
+    lines = ["Status,Topic,Question,Answer,ShortAnswer"] + [f'APPROVED,{t},"{q}","{a}",' for t, q, a in rows]
+    lines.append('DRAFT,Credit cards,"What is a grace period?","Time before interest is charged.",')
+    files = {ASK_CFPB_PATH: "\n".join(lines).encode()}
+    finance = {r.text for r in parse_ask_cfpb(files)}
+    legal = {r.text for r in parse_ask_cfpb_legal(files)}
+    assert finance == {"What is a credit card interest rate?", "How do auto loan terms work?"}
+    assert legal == {"Can a debt collector call me at work?", "Can my lender foreclose while I apply for help?"}
+    assert all(r.answer for r in parse_ask_cfpb_legal(files))

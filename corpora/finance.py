@@ -17,9 +17,9 @@ from __future__ import annotations
 import html
 import json
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
-from corpora.base import Files, Record, Source, csv_rows
+from corpora.base import Domain, Files, Record, Source, csv_rows
 
 # --- Ask CFPB (catops/ask-cfpb-bot) ----------------------------------------------------------------------
 
@@ -73,6 +73,14 @@ def parse_ask_cfpb(files: Files) -> Iterator[Record]:
     for topic, question, answer in ask_cfpb_entries(files):
         if not is_legal_question(topic, question) and not _SERVICING_QUESTION.search(question):
             yield Record(question, answer)
+
+
+def ask_cfpb_source(name: str, domain: Domain, parse: Callable[[Files], Iterator[Record]], note: str) -> Source:
+    """A training QA source over the Ask CFPB snapshot (finance takes one part of it, legal the other)."""
+    return Source(name=name, repo=ASK_CFPB_REPO, commit=ASK_CFPB_COMMIT,
+                  license="CC0-1.0 (US Government work, public domain)", domain=domain, role="train", kind="qa",
+                  paths=(ASK_CFPB_PATH,), parse=parse, note=note,
+                  url=f"https://github.com/{ASK_CFPB_REPO}/blob/{ASK_CFPB_COMMIT}/{ASK_CFPB_PATH}")
 
 
 # --- CLINC150 (clinc/oos-eval) ---------------------------------------------------------------------------
@@ -130,19 +138,10 @@ def parse_dolly_openqa_finance(files: Files) -> Iterator[Record]:
 
 
 SOURCES: list[Source] = [
-    Source(
-        name="ask-cfpb",
-        repo=ASK_CFPB_REPO,
-        commit=ASK_CFPB_COMMIT,
-        license="CC0-1.0 (US Government work, public domain)",
-        domain="finance",
-        role="train",
-        kind="qa",
-        paths=(ASK_CFPB_PATH,),
-        parse=parse_ask_cfpb,
-        note="Ask CFPB consumer-finance knowledge base (consumer-voice questions, agency answers); debt-collection "
-             "topic and rights/law/court questions left out (legal); over-long answers replaced by the short answer.",
-        url=f"https://github.com/{ASK_CFPB_REPO}/blob/{ASK_CFPB_COMMIT}/{ASK_CFPB_PATH}",
+    ask_cfpb_source(
+        "ask-cfpb", "finance", parse_ask_cfpb,
+        "Ask CFPB consumer-finance knowledge base (consumer-voice questions, agency answers); debt-collection topic "
+        "and rights/law/court questions left out (legal); over-long answers replaced by the short answer.",
     ),
     Source(
         name="clinc-finance",

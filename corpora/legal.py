@@ -18,7 +18,7 @@ import re
 from collections.abc import Iterator
 
 from corpora.base import Files, Record, Source, recase
-from corpora.finance import ASK_CFPB_COMMIT, ASK_CFPB_PATH, ASK_CFPB_REPO, ask_cfpb_entries, is_legal_question
+from corpora.finance import ask_cfpb_entries, ask_cfpb_source, is_legal_question
 
 # --- Legal Navigator LUIS model --------------------------------------------------------------------------------
 
@@ -143,20 +143,11 @@ SOURCES: list[Source] = [
              "model; non-legal intents (prebuilt places/events, money, benefits, utilities) and bare topic "
              "headings dropped; lower-case export recased.",
     ),
-    Source(
-        name="ask-cfpb-legal",
-        repo=ASK_CFPB_REPO,
-        commit=ASK_CFPB_COMMIT,
-        license="CC0-1.0 (US Government work, public domain)",
-        domain="legal",
-        role="train",
-        kind="qa",
-        paths=(ASK_CFPB_PATH,),
-        parse=parse_ask_cfpb_legal,
-        note="Ask CFPB entries of the debt-collection topic and questions about rights, law, courts, foreclosure "
-             "or bankruptcy (the part finance leaves out); consumer-voice questions, agency answers; over-long "
-             "answers replaced by the short answer.",
-        url=f"https://github.com/{ASK_CFPB_REPO}/blob/{ASK_CFPB_COMMIT}/{ASK_CFPB_PATH}",
+    ask_cfpb_source(
+        "ask-cfpb-legal", "legal", parse_ask_cfpb_legal,
+        "Ask CFPB entries of the debt-collection topic and questions about rights, law, courts, foreclosure or "
+        "bankruptcy (the part finance leaves out); consumer-voice questions, agency answers; over-long answers "
+        "replaced by the short answer.",
     ),
     Source(
         name="worker-gov-rights",

@@ -41,6 +41,11 @@ logger = logging.getLogger(__name__)
 MAX_RECALL_DROP = 0.02
 """An expert's held-out recall may drop by at most this much."""
 MIN_NEW_RECALL = 0.90
+MAX_ACCURACY_DROP = 0.005
+"""A candidate's held-out accuracy may trail the active router's by at most this much. The validation split is
+the seed prompts' (3,000+), where one standard error is about 0.35 points: a strict `>=` turned retrains that fix
+real traffic from feedback into coin flips over three prompts, while each expert's recall stays guarded by
+MAX_RECALL_DROP."""
 
 Encode = Callable[[Sequence[str], FeatureSpec], torch.Tensor]
 """(texts, spec) -> features [N, F] in the layout `spec` names."""
@@ -141,9 +146,10 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
     if active is None:
         return True, ["no active router"]
     reasons, ok = [], True
-    if candidate["accuracy"] + 1e-9 < active["accuracy"]:
+    if candidate["accuracy"] + MAX_ACCURACY_DROP + 1e-9 < active["accuracy"]:
         ok = False
-        reasons.append(f"accuracy {candidate['accuracy']:.3f} < active {active['accuracy']:.3f}")
+        reasons.append(f"accuracy {candidate['accuracy']:.3f} < active {active['accuracy']:.3f} "
+                       f"(at most {MAX_ACCURACY_DROP} lower)")
     for label, stats in candidate["per_label"].items():
         if stats["support"] == 0:
             continue
@@ -168,7 +174,8 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
             ok = False
             reasons.append(f"{label} recall {recall:.3f} dropped from {before['recall']:.3f}")
     if ok:
-        reasons.append(f"accuracy {candidate['accuracy']:.3f} >= active {active['accuracy']:.3f}, no recall drop")
+        reasons.append(f"accuracy {candidate['accuracy']:.3f} against active {active['accuracy']:.3f} (at most "
+                       f"{MAX_ACCURACY_DROP} lower), no recall drop")
     return ok, reasons
 
 

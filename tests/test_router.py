@@ -159,7 +159,8 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     ok, reasons = compare(metrics(0.91, a=0.92, b=0.95, base=0.90), active, [])
     assert not ok and reasons == ["a recall 0.920 dropped from 0.950"]
     ok, reasons = compare(metrics(0.89, a=0.95, b=0.90, base=0.90), active, [])
-    assert not ok and "accuracy 0.890 < active 0.900" in reasons
+    assert not ok and "accuracy 0.890 < active 0.900 (at most 0.005 lower)" in reasons
+    assert compare(metrics(0.896, a=0.95, b=0.90, base=0.90), active, [])[0]  # within the noise of the split
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
     assert not ok and reasons == ["new label c recall 0.850 < 0.9"]
     assert compare(metrics(0.5, a=0.1), None, []) == (True, ["no active router"])

@@ -105,7 +105,8 @@ def scratch_service(settings: Settings) -> Iterator[tuple[Settings, object, obje
 
 
 def product_routes(routing, texts: Sequence[str]) -> list[str]:
-    return [d.experts[0][0] for d in routing.route(list(texts), top_k=1)]
+    """One prompt per pass, as requests reach an idle ingress (a narrow pass: the router copy's fp16 layers)."""
+    return [d.experts[0][0] for d in routing.route(list(texts), top_k=1, batch_size=1)]
 
 
 # --- baselines -------------------------------------------------------------------------------------------------
@@ -258,9 +259,12 @@ def main(argv: list[str] | None = None) -> None:
     report: dict = {"n_routing": dict(Counter(q.domain for q in queries)),
                     "sources": dict(Counter(q.source for q in queries))}
     with scratch_service(Settings()) as (local, sessions, backbone):
+        from experts.backbone import load_backbone
         from router.service import RoutingService
 
-        routing = RoutingService(local, sessions, backbone.model, backbone.tokenizer)
+        # routed as `moe up` routes: on the ingress's own truncated backbone copy (fp16 for one prompt on a CPU)
+        router_copy = load_backbone(local)
+        routing = RoutingService(local, sessions, router_copy.model, router_copy.tokenizer, own_backbone=True)
         routing.refresh()
         texts = [q.text for q in queries]
         report["router"] = routing_scores(queries, product_routes(routing, texts))

@@ -32,6 +32,18 @@ CPU_DEFAULT = "fp16"
 """What `auto` means on a CPU with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
 
 
+PACKED_MAX_ROWS = 40
+"""Rows (tokens in a pass, all sequences together) up to which a pass reads the packed copy. fbgemm's fp16 GEMM
+unpacks weights per call and beats fp32 sgemm only while the pass is bound by weight bytes: on this 2-core AVX2
+CPU, SmolLM2's decoder matmuls ran 4.9x faster at 1 row, 1.4x at 16, 1.1x at 32, and slower from 64 on (0.83x;
+0.71x at 640, a batched prefill). Wider passes (prefills, NLL scoring) read the fp32 weights, which stay anyway."""
+
+
+def packed_wins(x: torch.Tensor) -> bool:
+    """Whether a pass with input x [..., in] should read the packed copy (see PACKED_MAX_ROWS)."""
+    return x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+
+
 class QuantizedLinear(Protocol):
     """A packed copy of one nn.Linear: x [..., in] float32 -> y [..., out] float32, bias included."""
 
@@ -91,12 +103,40 @@ def quantize_linear(linear: nn.Linear, mode: str) -> QuantizedLinear:
     return _KERNELS[mode](linear)
 
 
+class PackedLinear(nn.Module):
+    """An nn.Linear with a low-bit copy beside it, for a backbone copy that only runs plain forward passes (the
+    router's own truncated copy): narrow passes read the copy, wide ones the fp32 weights (PACKED_MAX_ROWS)."""
+
+    def __init__(self, linear: nn.Linear, mode: str) -> None:
+        super().__init__()
+        self.base = linear
+        self.packed = quantize_linear(linear, mode)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if not packed_wins(x):
+            return self.base(x)
+        shape = x.shape  # [..., in]; the fbgemm kernel takes 2-D inputs
+        return self.packed(x.reshape(-1, shape[-1])).view(*shape[:-1], self.base.out_features)
+
+
+def pack_linears(module: nn.Module, mode: str) -> int:
+    """Wrap every nn.Linear under `module` in a PackedLinear in `mode`; returns the packed copies' bytes."""
+    packed = 0
+    for parent in [m for m in module.modules() if not isinstance(m, PackedLinear)]:
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear):
+                replacement = PackedLinear(child, mode)
+                setattr(parent, name, replacement)
+                packed += replacement.packed.nbytes
+    return packed
+
+
 def refuse_quantized(model: nn.Module) -> None:
     """Training must see the full-precision backbone: refuse a model whose layers carry a low-bit serving copy
     (a backbone an engine serves); load a fresh one (load_backbone never quantizes)."""
     from experts.multi_lora.layers import MultiLoraLinear  # here: the multi-LoRA manager imports this module
 
     for path, module in model.named_modules():
-        if isinstance(module, MultiLoraLinear) and module.quant is not None:
+        if isinstance(module, PackedLinear) or (isinstance(module, MultiLoraLinear) and module.quant is not None):
             raise ValueError(f"{path or 'the model'} holds a low-bit serving copy (MOE_BACKBONE_QUANT): experts are "
                              "trained on the full-precision backbone; load a fresh one with load_backbone")

@@ -126,6 +126,7 @@ class FeatureEncoder:
         self.max_tokens = max_tokens
         self._captured: dict[int, torch.Tensor] = {}
         self._active = False  # the hooks only act in passes started by encode(); generation runs through
+        self._truncated = False
         for layer in self.layers:
             decoder_stack[layer - 1].register_forward_hook(self._make_hook(layer))
 
@@ -148,9 +149,21 @@ class FeatureEncoder:
         router's alone."""
         decoder = self.model.get_decoder()
         decoder.layers = decoder.layers[: self.layers[-1]]
+        self._truncated = True
         self.model.config.num_hidden_layers = self.layers[-1]
         if hasattr(self.model, "lm_head"):
             self.model.lm_head = nn.Identity()
+
+    def pack(self, mode: str) -> int:
+        """Give the kept decoder layers low-bit copies (`mode`: experts.quant) that narrow passes read; returns
+        their bytes. Only for a truncated copy that is the router's alone: one prompt's routing pass is bound
+        by these layers' weight bytes (fp16 halves them; docs/benchmarks.md, routing cost), while a batch of
+        prompts (the route batcher under load) is wide enough to read the fp32 weights the gate was fitted on."""
+        from experts.quant import pack_linears
+
+        if not self._truncated:
+            raise ValueError("pack() serves a truncated router copy; call truncate() first")
+        return pack_linears(decoder_layers(self.model), mode)
 
     @property
     def device(self) -> torch.device:

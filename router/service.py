@@ -14,6 +14,7 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import DatabaseUnavailableError, RouterNotTrainedError
 from core.settings import Settings
+from experts.quant import resolve_quant
 from registry import repository as repo
 from router.features import FeatureSpec, RouterFeatures
 from router.gate import Router, RoutingDecision
@@ -51,6 +52,10 @@ class RoutingService:
             if self.own_backbone and self._truncated_to is None:
                 encoder.truncate()
                 self._truncated_to = deepest
+                mode = resolve_quant(self.settings.backbone_quant, encoder.device)
+                if mode != "none":  # the gate was fitted on fp32 features: fp16 ones agree (design notes)
+                    packed = encoder.pack(mode)
+                    logger.info("Router backbone layers 1-%d served %s (%.0f MB)", deepest, mode, packed / 2**20)
         if spec.sentence_encoder:
             self._features.sentence_encoder(spec.sentence_encoder)
 

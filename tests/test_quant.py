@@ -19,7 +19,7 @@ from core.settings import Settings
 from experts.adapters import load_lora_weights
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
 from experts.multi_lora import MultiLoraModel
-from experts.quant import fbgemm_available, refuse_quantized, resolve_quant
+from experts.quant import PACKED_MAX_ROWS, PackedLinear, fbgemm_available, refuse_quantized, resolve_quant
 from experts.training import TrainConfig, train_lora
 from router.features import FeatureEncoder
 from tests.test_multi_lora import KERNELS, _random_adapter
@@ -74,6 +74,43 @@ def test_bare_forward_matches_fp32_and_plain_passes_stay_exact(backbone, mode):
     torch.testing.assert_close(served, reference, rtol=0, atol=TOLERANCE[mode])
     assert not torch.equal(served, reference)  # the served pass did read the low-bit copy
     torch.testing.assert_close(plain, reference, rtol=0, atol=0)  # outside a served pass: the fp32 weights
+
+
+def test_wide_passes_read_the_fp32_weights(backbone):
+    """A prefill wider than PACKED_MAX_ROWS (where fp32 sgemm beats the fp16 kernel) reads the fp32 weights:
+    bit-identical to the plain model; a decode-wide pass reads the copy."""
+    ids = torch.randint(0, backbone.model.config.vocab_size, (3, PACKED_MAX_ROWS))  # 3 x 40 rows
+    with torch.no_grad():
+        reference = backbone.model(input_ids=ids).logits
+    multi = MultiLoraModel(backbone.model, quant="fp16")
+    with torch.no_grad():
+        with multi.routing([[], [], []]):
+            wide = backbone.model(input_ids=ids).logits
+        with multi.routing([[], [], []]):
+            narrow = backbone.model(input_ids=ids[:, :4]).logits
+    torch.testing.assert_close(wide, reference, rtol=0, atol=0)
+    torch.testing.assert_close(narrow, reference[:, :4], rtol=0, atol=TOLERANCE["fp16"])
+    assert not torch.equal(narrow, reference[:, :4])
+
+
+def test_router_copy_reads_fp16_for_one_prompt_and_fp32_for_a_batch(backbone):
+    """The ingress's own truncated router copy (RoutingService(own_backbone=True)) packs its kept layers: one
+    prompt's features are within tolerance of fp32, a batch wide enough for fp32 sgemm is exact."""
+    texts = ["my order never arrived", "headache and fever since yesterday"] * 12
+    reference = FeatureEncoder(copy.deepcopy(backbone.model), backbone.tokenizer, [1, 2]).encode(texts)
+    encoder = FeatureEncoder(backbone.model, backbone.tokenizer, [1, 2])
+    with pytest.raises(ValueError, match="truncate"):
+        encoder.pack("fp16")
+    encoder.truncate()
+    assert encoder.pack("fp16") > 0
+    packed = [m for m in backbone.model.modules() if isinstance(m, PackedLinear)]
+    assert len(packed) == 7 * len(backbone.model.model.layers)  # q, k, v, o, gate, up, down of each kept layer
+    one = encoder.encode(texts[:1], batch_size=1)
+    torch.testing.assert_close(one, reference[:1], rtol=0, atol=1e-3)
+    assert not torch.equal(one, reference[:1])
+    torch.testing.assert_close(encoder.encode(texts, batch_size=24), reference, rtol=0, atol=0)  # 24 x >=4 rows
+    with pytest.raises(ValueError, match="trained on the full-precision backbone"):
+        refuse_quantized(backbone.model)
 
 
 @MODES

@@ -6,9 +6,10 @@
 Engines, each on its own copy of the fp32 backbone: fp32 bare, fp32 with the 4 experts, quantized bare, quantized
 with the 4 experts (batch rows spread over them, a single stream uses its prompt's domain expert). Every run
 generates exactly --new-tokens greedy tokens (EOS ignored); decode tokens/s come from the engine's counters (prefill
-excluded). Single stream: one request at a time; batch: --batch requests at once. The variants run interleaved,
-once per repeat: on a shared machine only ratios measured in the same run mean anything. Headline figures are
-each variant's best repeat (interference only ever slows a run); medians of the per-repeat ratios beside them.
+excluded), and prefill seconds beside them. Single stream: one request at a time; batch: --batch requests at once.
+The variants run interleaved, once per repeat: on a shared machine only ratios measured in the same run mean
+anything. Headline figures are each variant's best repeat (interference only ever slows a run); medians of the
+per-repeat ratios beside them.
 
 llama.cpp: the same prompt token ids through llama-cpp-python on the shipped GGUF (Q4_1), with torch's thread
 count, greedy, EOS masked, single stream only (its Python API decodes one sequence); skipped with a line when
@@ -124,25 +125,28 @@ def llama_cpp_single(prompts: Sequence[list[int]], new_tokens: int, threads: int
 
 
 def single_stream(engine: GenerationEngine, prompts: Sequence[list[int]], mixtures, new_tokens: int) -> dict:
-    """One request at a time; decode tokens/s over all of them."""
+    """One request at a time; decode tokens/s and prefill seconds over all of them."""
     before = dict(engine.stats)
     for prompt, mixture in zip(prompts, mixtures, strict=True):
         run_engine(engine, [prompt], [mixture], new_tokens)
     decode = (engine.stats["decode_tokens"] - before["decode_tokens"]) / (engine.stats["decode_s"] - before["decode_s"])
-    return {"decode": decode}
+    return {"decode": decode, "prefill_s": engine.stats["prefill_s"] - before["prefill_s"]}
 
 
 def measure(engines: dict[str, GenerationEngine], workloads: dict[str, tuple[Callable, tuple]],
-            repeats: int) -> dict[str, list[float]]:
-    """Run every (engine, workload) once per repeat, interleaved; decode tokens/s per run."""
+            repeats: int) -> tuple[dict[str, list[float]], dict[str, list[float]]]:
+    """Run every (engine, workload) once per repeat, interleaved; decode tokens/s and prefill seconds per run."""
     results: dict[str, list[float]] = defaultdict(list)
+    prefill: dict[str, list[float]] = defaultdict(list)
     for _ in range(repeats):
         for workload, (run, args) in workloads.items():
             for name, engine in engines.items():
                 mixtures = args[1] if "mixed4" in name else [[] for _ in args[0]]
-                results[f"{name}_{workload}"].append(run(engine, args[0], mixtures, *args[2:])["decode"])
+                out = run(engine, args[0], mixtures, *args[2:])
+                results[f"{name}_{workload}"].append(out["decode"])
+                prefill[f"{name}_{workload}"].append(out["prefill_s"])
                 release_openmp_pool()
-    return results
+    return results, prefill
 
 
 def build_engines(settings: Settings, quant: str, batch: int) -> tuple[dict[str, GenerationEngine], object]:
@@ -157,8 +161,10 @@ def build_engines(settings: Settings, quant: str, batch: int) -> tuple[dict[str,
     return engines, backbone
 
 
-def report(results: dict[str, list[float]], nll: dict, engines: dict, backbone, args, llama: float | None) -> dict:
+def report(results: dict[str, list[float]], prefill: dict[str, list[float]], nll: dict, engines: dict, backbone,
+           args, llama: float | None) -> dict:
     best = {k: round(max(v), 1) for k, v in results.items()}
+    prefill_best = {k: round(min(v), 3) for k, v in prefill.items()}
 
     def ratio(a: str, b: str) -> float:
         return round(best[a] / best[b], 3)
@@ -172,6 +178,9 @@ def report(results: dict[str, list[float]], nll: dict, engines: dict, backbone, 
              "mixed4_vs_quant_bare_single": ("quant_mixed4_single", "quant_bare_single"),
              "fp32_mixed4_vs_fp32_bare_batch": ("fp32_mixed4_batch", "fp32_bare_batch")}
     ratios = {name: ratio(*pair) for name, pair in pairs.items()}
+    for workload in ("single", "batch"):  # prefill speed, quantized engine vs fp32 (wide passes read fp32)
+        ratios[f"quant_vs_fp32_prefill_{workload}"] = round(
+            prefill_best[f"fp32_bare_{workload}"] / max(1e-9, prefill_best[f"quant_bare_{workload}"]), 3)
     ratios["quant_single_vs_llama_cpp"] = None if llama is None else round(best["quant_bare_single"] / llama, 3)
     if nll:
         for way in ("bare", "expert"):
@@ -181,6 +190,7 @@ def report(results: dict[str, list[float]], nll: dict, engines: dict, backbone, 
     return {
         "quant": args.quant, "threads": torch.get_num_threads(), "batch": args.batch, "new_tokens": args.new_tokens,
         "repeats": args.repeats, "decode_tokens_per_s": best | {"llama_cpp_single": llama and round(llama, 1)},
+        "prefill_s": prefill_best,
         "nll": nll, "bytes_per_expert": per_expert,
         "backbone_bytes_fp32": sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
         "quantized_linear_bytes": engines["quant_bare"].multi.quantized_bytes(),
@@ -207,7 +217,7 @@ def main(argv: list[str] | None = None) -> None:
                  "batch": (run_engine, (prompts, mixed, args.new_tokens))}
     for engine in engines.values():
         run_engine(engine, prompts[:2], [[], []], 4)  # warm-up
-    results = measure(engines, workloads, args.repeats)
+    results, prefill = measure(engines, workloads, args.repeats)
     for engine in engines.values():
         engine.stop()
     nll = {}
@@ -217,7 +227,7 @@ def main(argv: list[str] | None = None) -> None:
                for label in ("fp32", "quant")}
         nll["pairs"] = len(pairs)
     llama = llama_cpp_single([prompts[i] for i in singles], args.new_tokens, torch.get_num_threads())
-    print(json.dumps(report(results, nll, engines, backbone, args, llama)))
+    print(json.dumps(report(results, prefill, nll, engines, backbone, args, llama)))
 
 
 if __name__ == "__main__":

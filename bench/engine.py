@@ -66,7 +66,8 @@ def run_engine(engine: GenerationEngine, prompts, mixtures, new_tokens: int) -> 
     assert all(r.completion_tokens == new_tokens for r in results), [r.completion_tokens for r in results]
     decode_tokens = engine.stats["decode_tokens"] - before["decode_tokens"]
     decode_s = engine.stats["decode_s"] - before["decode_s"]
-    return {"decode": decode_tokens / decode_s, "end_to_end": sum(r.completion_tokens for r in results) / elapsed}
+    return {"decode": decode_tokens / decode_s, "end_to_end": sum(r.completion_tokens for r in results) / elapsed,
+            "prefill_s": engine.stats["prefill_s"] - before["prefill_s"]}
 
 
 @torch.no_grad()

@@ -79,7 +79,8 @@ class Fp16Linear:
 
     def __init__(self, linear: nn.Linear) -> None:
         weight = linear.weight.detach().float()
-        self.bias = torch.zeros(weight.shape[0]) if linear.bias is None else linear.bias.detach().float()
+        # no zero bias for bias-free layers (all of SmolLM2's): the op would add it, one more pass over the output
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
         with warnings.catch_warnings():
             # torch >= 2.12 flags these fbgemm ops as deprecated (warned once per process: the first call is here)
             warnings.filterwarnings("ignore", message=".*fbgemm.*deprecated.*")

@@ -21,8 +21,9 @@ class InputGroup:
     the first member's (the leader's) base weight: W_aug = [W_leader; A_1; ...; A_G] ([out + G*S*r, in]).
     With every slot stacked, the leader's one contiguous matmul yields its base output and the whole group's
     down-projections together; decode on a CPU is bound by streaming weights, and one long stream beats a
-    big one plus a small cold one. A leader with a low-bit copy (MOE_BACKBONE_QUANT) cannot be concatenated with
-    fp32 A's: its group keeps the A's as a [G, S, r, in] stack of their own, one small fp32 matmul per group."""
+    big one plus a small cold one. A narrow pass over a low-bit copy (MOE_BACKBONE_QUANT: decode steps) cannot
+    use W_aug's base rows: it reads the packed base, and the A rows of W_aug as one small fp32 matmul per group;
+    wide passes (prefills) take W_aug whole, as on fp32."""
 
     def __init__(self, members: list[MultiLoraLinear], state: GateState) -> None:
         self.members = members
@@ -44,8 +45,7 @@ class InputGroup:
         leader = self.leader.base
         out_features = leader.out_features
         weight = leader.weight.data
-        if lora_a is None or self.leader.quant is not None:
-            # a quantized leader serves from its packed copy: the A's are a stack of their own ([G, S, r, in])
+        if lora_a is None:
             self.augmented, self.lora_a = None, lora_a
             if weight.untyped_storage().nbytes() > weight.numel() * weight.element_size():
                 leader.weight.data = weight.clone()  # release the old A rows
@@ -141,14 +141,16 @@ class MultiLoraLinear(nn.Module):
         x2 = x.reshape(-1, x.shape[-1])  # [N*T, in], a view for the contiguous hidden states
         parts = group.cached(x)
         if parts is None:
-            if kernel is LoraKernel.STACKED and self.group_index == 0 and group.augmented is not None:
+            if (kernel is LoraKernel.STACKED and self.group_index == 0 and group.augmented is not None
+                    and not (self.quant is not None and self.state.quantized and packed_wins(x))):
                 # the base output and the whole group's down-projection from one matmul over W_aug
                 y, h = nn.functional.linear(x2, group.augmented).split(group.split_sizes, dim=1)
                 if self.base.bias is not None:
                     y = y + self.base.bias
                 y.addmm_(group.remember(x, h)[0], self.flat_bt)
                 return y.view(*x.shape[:-1], -1)
-            # a quantized leader, a compact pass, or a sibling that runs first: A on its own, [N*T, G*U*r]
+            # a narrow pass over the packed base, a compact pass, or a sibling that runs first: A on its own
+            # (the A rows of W_aug, read as [G*S*r, in]), h [N*T, G*U*r]
             a = group.lora_a.view(-1, x2.shape[-1]) if kernel is LoraKernel.STACKED else group.compact_a
             parts = group.remember(x, nn.functional.linear(x2, a))  # G x [N*T, U*r]
         y = self._base(x2)  # [N*T, out]

@@ -75,7 +75,8 @@ def qa_pairs(count: int, domains: Sequence[str]) -> list[tuple[str, str, str]]:
 @torch.no_grad()
 def answer_nll(multi: MultiLoraModel, tokenizer, pairs: Sequence[tuple[str, str, str]], max_length: int = 384,
                batch_size: int = 4) -> dict[str, float]:
-    """Token-weighted mean NLL of the answers through served passes: bare, and with each answer's domain expert."""
+    """Token-weighted mean NLL of the answers through served passes that read the low-bit weights at every width
+    (what a decode step reads; a served prefill reads fp32): bare, and with each answer's domain expert."""
     examples = []
     for question, answer, domain in pairs:
         chat = ChatExample(({"role": "user", "content": question}, {"role": "assistant", "content": answer}))
@@ -87,7 +88,7 @@ def answer_nll(multi: MultiLoraModel, tokenizer, pairs: Sequence[tuple[str, str,
         chunk = examples[start : start + batch_size]
         batch = collate([e for e, _ in chunk], tokenizer.pad_token_id, torch.device("cpu"))
         for way, mixtures in (("bare", [[] for _ in chunk]), ("expert", [[(d, 1.0)] for _, d in chunk])):
-            with multi.routing(mixtures):
+            with multi.routing(mixtures, low_bit_only=True):  # every position as a decode step reads the weights
                 loss, count = batch_nll(multi.model, batch)
             sums[way] += float(loss)
             counts[way] += count
@@ -200,7 +201,7 @@ def report(results: dict[str, list[float]], prefill: dict[str, list[float]], nll
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quant", default="fp16", choices=["fp16"], help="the low-bit mode to compare")
+    parser.add_argument("--quant", default="fp16", choices=["fp16", "int8", "int4"], help="the low-bit mode to compare")
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--repeats", type=int, default=3)
@@ -215,11 +216,13 @@ def main(argv: list[str] | None = None) -> None:
     workloads = {"single": (single_stream, ([prompts[i] for i in singles], [mixed[i] for i in singles],
                                             args.new_tokens)),
                  "batch": (run_engine, (prompts, mixed, args.new_tokens))}
-    for engine in engines.values():
-        run_engine(engine, prompts[:2], [[], []], 4)  # warm-up
-    results, prefill = measure(engines, workloads, args.repeats)
-    for engine in engines.values():
-        engine.stop()
+    try:  # a failed run must not leave the engine threads holding the process
+        for engine in engines.values():
+            run_engine(engine, prompts[:2], [[], []], 4)  # warm-up
+        results, prefill = measure(engines, workloads, args.repeats)
+    finally:
+        for engine in engines.values():
+            engine.stop()
     nll = {}
     if args.qa_pairs:
         pairs = qa_pairs(args.qa_pairs, DOMAINS)

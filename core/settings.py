@@ -17,14 +17,7 @@ if TYPE_CHECKING:
 
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
-REFUSED_QUANT = {
-    "int8": "fbgemm's int8 linear quantizes each call's input with one 7-bit scale per tensor and SmolLM2's activation "
-    "outliers raised the answer NLL by half; torch's weight-only _weight_int8pack_mm ran 0.3x fp32 (fp32 inputs) and "
-    "0.8x at batch 16 (bf16 inputs) on AVX2 (docs/design-notes.md)",
-    "int4": "torch's _weight_int4pack_mm_for_cpu ran 0.2x fp32 with fp32 inputs and, with bf16 inputs, 1.9x at batch 1 "
-    "but 0.8x at batch 16 on AVX2, where fp16 runs 2.2x and 1.9x (docs/design-notes.md)",
-}
-"""Low-bit modes that were measured and lost, and why (MOE_BACKBONE_QUANT refuses them by name)."""
+
 
 
 class Settings(BaseSettings):
@@ -62,12 +55,14 @@ class Settings(BaseSettings):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         default="auto", description="Weights dtype; auto = bfloat16 on CUDA, float32 on CPU (faster there)."
     )
-    backbone_quant: Literal["auto", "none", "fp16"] = Field(
+    backbone_quant: Literal["auto", "none", "fp16", "int8", "int4"] = Field(
         default="auto",
         description="Low-bit copy of the backbone's linear layers (LM head included) that served passes read; CPU "
-        "only (fbgemm). The experts' LoRA weights, the router's features and training keep the fp32 weights. "
-        "'auto' = fp16 on a CPU with fbgemm, none on CUDA (bf16 there); 'fp16' = fp16 weights, fp32 inputs and "
-        "accumulation (half the bytes per decode step, answer NLL unchanged); 'none' = the fp32 weights.",
+        "only. The experts' LoRA weights, the router's features and training keep the fp32 weights. 'auto' = "
+        "what measured best for this CPU (experts.quant.resolve_quant), none on CUDA (bf16 there); 'fp16' = fp16 "
+        "weights, fp32 inputs and accumulation (fbgemm; answer NLL unchanged); 'int8' = int8 weights per row and "
+        "'int4' = 4-bit weights in groups of 32, both with bf16 inputs (torch's CPU kernels; a CPU with "
+        "AVX512-BF16 or AMX only); 'none' = the fp32 weights.",
     )
     torch_threads: int = Field(
         default=0, ge=0, description="torch intra-op threads per process; 0 = leave torch's default."
@@ -172,18 +167,10 @@ class Settings(BaseSettings):
                              "read nothing; set at least one")
         return self
 
-    @field_validator("backbone_quant", mode="before")
-    @classmethod
-    def _refuse_measured_losers(cls, value: object) -> object:
-        reason = REFUSED_QUANT.get(str(value).lower())
-        if reason:
-            raise ValueError(f"MOE_BACKBONE_QUANT={value!r} is not offered: {reason}; use 'auto', 'fp16' or 'none'")
-        return value
-
     @model_validator(mode="after")
     def _quant_runs_on_cpu(self) -> Settings:
         if self.device == "cuda" and self.backbone_quant not in ("auto", "none"):
-            raise ValueError(f"MOE_BACKBONE_QUANT={self.backbone_quant!r} runs on a CPU only (fbgemm kernels); "
+            raise ValueError(f"MOE_BACKBONE_QUANT={self.backbone_quant!r} runs on a CPU only (CPU kernels); "
                              "with MOE_DEVICE=cuda use 'auto' or 'none' (the GPU serves bf16)")
         return self
 

@@ -21,27 +21,34 @@ what they did. torch 2.13 flags the fbgemm fp16 ops as deprecated: a torch witho
 from __future__ import annotations
 
 import warnings
+from collections.abc import Callable
 from typing import Protocol
 
 import torch
 from torch import nn
 
-QUANT_MODES = ("auto", "none", "fp16")
+QUANT_MODES = ("auto", "none", "fp16", "int8", "int4")
 """What MOE_BACKBONE_QUANT accepts."""
+BF16_CPU_DEFAULT = "int4"
+"""What `auto` means on a CPU with bf16 dot products (AVX512-BF16 or AMX): see resolve_quant."""
 CPU_DEFAULT = "fp16"
-"""What `auto` means on a CPU with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
+"""What `auto` means on other x86 CPUs with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
+BF16_MODES = ("int8", "int4")
+"""Modes whose kernels take bf16 inputs: measured slower than fp32 at batch 16 without bf16 hardware."""
 
 
 PACKED_MAX_ROWS = 40
-"""Rows (tokens in a pass, all sequences together) up to which a pass reads the packed copy. fbgemm's fp16 GEMM
-unpacks weights per call and beats fp32 sgemm only while the pass is bound by weight bytes: on this 2-core AVX2
-CPU, SmolLM2's decoder matmuls ran 4.9x faster at 1 row, 1.4x at 16, 1.1x at 32, and slower from 64 on (0.83x;
-0.71x at 640, a batched prefill). Wider passes (prefills, NLL scoring) read the fp32 weights, which stay anyway."""
+"""Rows (tokens in a pass, all sequences together) up to which an fp16 pass reads the packed copy. fbgemm's fp16
+GEMM unpacks weights per call and beat fp32 sgemm on the 2-core AVX2 CPU it was chosen on only while the pass was
+bound by weight bytes: SmolLM2's decoder matmuls ran 4.9x faster at 1 row, 1.4x at 16, 1.1x at 32, and slower from
+64 on (0.83x; 0.71x at 640, a batched prefill). Wider passes (prefills, NLL scoring) read the fp32 weights, which
+stay anyway. The bf16-input modes (int8, int4; CPUs with bf16 dot products only) beat fp32 at every width measured
+(int4 6.2x at 1 row, 1.7x at 448 on a 2-core AVX512-BF16 EPYC) and have no limit."""
 
 
-def packed_wins(x: torch.Tensor) -> bool:
-    """Whether a pass with input x [..., in] should read the packed copy (see PACKED_MAX_ROWS)."""
-    return x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+def packed_wins(x: torch.Tensor, mode: str = "fp16") -> bool:
+    """Whether a pass with input x [..., in] should read a `mode` copy (see PACKED_MAX_ROWS)."""
+    return mode in BF16_MODES or x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
 
 
 class QuantizedLinear(Protocol):
@@ -59,16 +66,31 @@ def fbgemm_available() -> bool:
         torch, "fbgemm_linear_fp16_weight_fp32_activation")
 
 
+def bf16_cpu() -> bool:
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX), which the int8/int4 kernels need to be fast."""
+    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+
+
 def resolve_quant(mode: str, device: torch.device) -> str:
-    """The mode a model on `device` is served with: `auto` is fp16 on a CPU with fbgemm, else `none`. A low-bit
-    mode the device cannot run is refused by name (fbgemm kernels are CPU-only)."""
+    """The mode a model on `device` is served with. `auto`: int4 on a CPU with bf16 dot products, fp16 on another
+    x86 CPU (fbgemm), none on CUDA; chosen by measurement (docs/design-notes.md). A mode the device cannot run
+    fast is refused by name."""
     if mode not in QUANT_MODES:
         raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} is not supported; use one of {', '.join(QUANT_MODES)}")
     if mode == "auto":
-        return CPU_DEFAULT if device.type == "cpu" and fbgemm_available() else "none"
-    if mode != "none" and (device.type != "cpu" or not fbgemm_available()):
-        raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} runs on a CPU with fbgemm (x86) only, not on {device.type}; "
-                         "use 'auto' or 'none'")
+        if device.type != "cpu":
+            return "none"
+        if bf16_cpu():
+            return BF16_CPU_DEFAULT
+        return CPU_DEFAULT if fbgemm_available() else "none"
+    if mode != "none" and device.type != "cpu":
+        raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} runs on a CPU only, not on {device.type}; use 'auto' or "
+                         "'none' (the GPU serves bf16)")
+    if mode == "fp16" and not fbgemm_available():
+        raise ValueError("MOE_BACKBONE_QUANT='fp16' needs fbgemm (x86 builds of torch); use 'auto' or 'none'")
+    if mode in BF16_MODES and not bf16_cpu():
+        raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} needs a CPU with AVX512-BF16 or AMX: without them its kernel "
+                         "ran 0.8x fp32 at batch 16 (docs/design-notes.md); use 'auto' or 'fp16'")
     return mode
 
 
@@ -92,7 +114,72 @@ class Fp16Linear:
         return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
 
 
-_KERNELS: dict[str, type[Fp16Linear]] = {"fp16": Fp16Linear}
+class Int8Linear:
+    """Weight-only int8 (one scale per output row), bf16 inputs (torch's `_weight_int8pack_mm`); the output comes
+    back fp32. Fast only on a CPU with bf16 dot products (AVX512-BF16 or AMX): see `bf16_cpu`."""
+
+    mode = "int8"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        weight = linear.weight.detach().float()  # [out, in]
+        scale = weight.abs().amax(dim=1).clamp(min=1e-8) / 127  # [out]
+        self.weight = torch.round(weight / scale[:, None]).clamp(-127, 127).to(torch.int8).contiguous()
+        self.scale = scale.to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.nbytes = self.weight.numel() + 2 * self.scale.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [N, in]: the kernel takes 2-D inputs
+        y = torch._weight_int8pack_mm(x2, self.weight, self.scale).float().view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+class Int4Linear:
+    """4-bit weights in groups of INT4_GROUP inputs, each group with its own scale and offset (llama.cpp's Q4_1
+    layout), bf16 inputs (torch's `_weight_int4pack_mm_for_cpu`); the output comes back fp32. Layers whose input
+    width is not a multiple of the group keep int8 (Int8Linear)."""
+
+    mode = "int4"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        weight = linear.weight.detach().float()  # [out, in]
+        out_features, in_features = weight.shape
+        groups = weight.view(out_features, in_features // INT4_GROUP, INT4_GROUP)  # [out, in/g, g]
+        low, high = groups.amin(dim=-1), groups.amax(dim=-1)  # [out, in/g]
+        scale = ((high - low) / 15).clamp(min=1e-8)
+        # the kernel dequantizes w = (q - 8) * scale + zero, so the offset is stored at the code 8
+        zero = low + 8 * scale
+        codes = torch.round((groups - low[..., None]) / scale[..., None]).clamp(0, 15).to(torch.int32)
+        self.packed = torch._convert_weight_to_int4pack_for_cpu(codes.view(out_features, in_features), 1)
+        self.scales_and_zeros = torch.stack([scale, zero], dim=-1).transpose(0, 1).contiguous().to(torch.bfloat16)
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.nbytes = out_features * in_features // 2 + 2 * self.scales_and_zeros.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        x2 = x.reshape(-1, x.shape[-1]).to(torch.bfloat16)  # [N, in]: the kernel takes 2-D inputs
+        y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scales_and_zeros)
+        y = y.float().view(*x.shape[:-1], -1)
+        return y if self.bias is None else y + self.bias
+
+
+INT4_GROUP = 32
+"""Inputs per 4-bit group (llama.cpp's Q4_1 uses 32)."""
+
+
+def _int4(linear: nn.Linear) -> QuantizedLinear:
+    return Int4Linear(linear) if linear.in_features % INT4_GROUP == 0 else Int8Linear(linear)
+
+
+_KERNELS: dict[str, Callable[[nn.Linear], QuantizedLinear]] = {"fp16": Fp16Linear, "int8": Int8Linear, "int4": _int4}
+HEAD_MODE = {"int4": "int8"}
+"""The LM head's kernel where it differs from the decoder layers': a 4-bit head raised the real answers' NLL by
+2.1% (bare) and 2.6% (with experts), an int8 one by 0.1% and 0.2% (docs/design-notes.md); llama.cpp's Q4 files
+keep their output layer at higher precision too."""
+
+
+def layer_mode(mode: str, is_head: bool) -> str:
+    """The kernel a layer gets in `mode`: the LM head may take a wider one (HEAD_MODE)."""
+    return HEAD_MODE.get(mode, mode) if is_head else mode
 
 
 def quantize_linear(linear: nn.Linear, mode: str) -> QuantizedLinear:
@@ -114,7 +201,7 @@ class PackedLinear(nn.Module):
         self.packed = quantize_linear(linear, mode)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not packed_wins(x):
+        if not packed_wins(x, self.packed.mode):
             return self.base(x)
         shape = x.shape  # [..., in]; the fbgemm kernel takes 2-D inputs
         return self.packed(x.reshape(-1, shape[-1])).view(*shape[:-1], self.base.out_features)

@@ -127,9 +127,15 @@ class MultiLoraLinear(nn.Module):
         """W x + b: from the low-bit copy in a quantized pass narrow enough for it to win (a decode step, not a
         prefill: experts.quant.PACKED_MAX_ROWS), else F.linear on the wrapped weights (not self.base(x): one
         module call less per layer and step)."""
-        if self.quant is not None and self.state.quantized and packed_wins(x):
+        if self._low_bit(x):
             return self.quant(x)
         return nn.functional.linear(x, self.base.weight, self.base.bias)
+
+    def _low_bit(self, x: torch.Tensor) -> bool:
+        """Whether this pass reads the low-bit copy: a quantized pass narrow enough for it to win, or any width
+        when the pass asks for the low-bit weights only (GateState.low_bit_only)."""
+        state = self.state
+        return self.quant is not None and state.quantized and (state.low_bit_only or packed_wins(x, self.quant.mode))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         kernel = self.state.kernel
@@ -142,7 +148,7 @@ class MultiLoraLinear(nn.Module):
         parts = group.cached(x)
         if parts is None:
             if (kernel is LoraKernel.STACKED and self.group_index == 0 and group.augmented is not None
-                    and not (self.quant is not None and self.state.quantized and packed_wins(x))):
+                    and not self._low_bit(x)):
                 # the base output and the whole group's down-projection from one matmul over W_aug
                 y, h = nn.functional.linear(x2, group.augmented).split(group.split_sizes, dim=1)
                 if self.base.bias is not None:

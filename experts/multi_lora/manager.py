@@ -13,7 +13,7 @@ from torch import nn
 
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear
 from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
-from experts.quant import quantize_linear
+from experts.quant import layer_mode, quantize_linear
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from experts.adapters import LoraWeights
@@ -74,7 +74,7 @@ class MultiLoraModel:
         if not isinstance(base, nn.Linear):
             raise TypeError(f"{path} is not nn.Linear")
         layer = MultiLoraLinear(base, self.state)
-        if previous is not None and previous.quant is not None and previous.quant.mode == self.quant:
+        if previous is not None and previous.quant is not None and previous.quant.mode == self._layer_mode(base):
             layer.quant = previous.quant  # packing takes seconds; the fp32 weights it was packed from are the same
         setattr(parent, child, layer)
         self.layers[path] = layer
@@ -94,7 +94,12 @@ class MultiLoraModel:
         for path in paths:
             layer = self._wrap(path)
             if layer.quant is None:
-                layer.quant = quantize_linear(layer.base, mode)
+                layer.quant = quantize_linear(layer.base, self._layer_mode(layer.base))
+
+    def _layer_mode(self, base: nn.Linear) -> str:
+        """This model's low-bit kernel for `base` (the LM head may take a wider one: experts.quant.HEAD_MODE)."""
+        head = self.model.get_output_embeddings()
+        return layer_mode(self.quant, base is (head.base if isinstance(head, MultiLoraLinear) else head))
 
     def quantized_bytes(self) -> int:
         """Weight bytes a quantized pass reads for the linear layers (0 when not quantized)."""
@@ -210,11 +215,13 @@ class MultiLoraModel:
                 return LoraKernel.COMPACT
         return kernel
 
-    def set_mixtures(self, mixtures: Sequence[Mixture]) -> None:
-        """Route row n of the next forward passes to mixtures[n]. Unknown names raise KeyError."""
+    def set_mixtures(self, mixtures: Sequence[Mixture], low_bit_only: bool = False) -> None:
+        """Route row n of the next forward passes to mixtures[n]. Unknown names raise KeyError. `low_bit_only`:
+        wide passes read the low-bit copy too (GateState.low_bit_only)."""
         state = self.state
         self.clear()
         state.quantized = self.quant != "none"
+        state.low_bit_only = state.quantized and low_bit_only
         if not self.slots or not any(mixtures):
             return
         index = self._slot_index
@@ -248,8 +255,8 @@ class MultiLoraModel:
             group.forget()
 
     @contextlib.contextmanager
-    def routing(self, mixtures: Sequence[Mixture]) -> Iterator[None]:
-        self.set_mixtures(mixtures)
+    def routing(self, mixtures: Sequence[Mixture], low_bit_only: bool = False) -> Iterator[None]:
+        self.set_mixtures(mixtures, low_bit_only)
         try:
             yield
         finally:

@@ -46,6 +46,9 @@ class GateState:
     """The kernel of this pass; None = the bare backbone."""
     quantized: bool = False
     """Whether this pass reads the layers' low-bit copies (a served pass on a quantized backbone)."""
+    low_bit_only: bool = False
+    """Passes of any width read the low-bit copies (scoring text as decode steps see the weights); otherwise a
+    pass wider than experts.quant.PACKED_MAX_ROWS (a prefill) reads the fp32 weights."""
     dense_mask: torch.Tensor | None = None
     """[N, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked/compact)."""
     slot_ids: torch.Tensor | None = None
@@ -73,7 +76,7 @@ class GateState:
 
     def reset(self) -> None:
         self.kernel = self.dense_mask = self.slot_ids = self.weights = None
-        self.quantized = self.all_ones = False
+        self.quantized = self.low_bit_only = self.all_ones = False
         self.row_masks = {}
 
     def set_gathered(self, slots: Sequence[SlotMixture], reference: torch.Tensor) -> None:

@@ -7,15 +7,17 @@ backbone computes exactly what it did: the router's feature pass (the gate was t
 training (experts are trained on the full-precision backbone), a plain forward. The LoRA experts' A and B stay
 fp32 and run as their own small matmuls beside the quantized base (as QLoRA serves them).
 
-The kernel is fbgemm's fp16-weight GEMM (bundled with PyTorch's x86 builds): weights packed as fp16, inputs and
-accumulation fp32, so the answers' NLL is unchanged to 4 digits while a step reads half the bytes. Lower bits were
-measured and refused (docs/design-notes.md): fbgemm's int8 linear quantizes each call's input with one 7-bit scale
-per tensor, and SmolLM2's activation outliers raised the answer NLL by half; torch's weight-only int8/int4 CPU
-kernels (`_weight_int8pack_mm`, `_weight_int4pack_mm_for_cpu`) ran slower than fp32 at batch 16 and no faster than
-fp16 at batch 1 on this AVX2 CPU, torchao's int8 configs slower than fp32 at both.
+Kernels, chosen per CPU by measurement (`resolve_quant`, docs/design-notes.md):
+- `int4` (`auto` on a CPU with bf16 dot products: AVX512-BF16 or AMX): 4-bit weights in groups of 32 with a scale
+  and an offset each (llama.cpp's Q4_1 layout), bf16 inputs, torch's `_weight_int4pack_mm_for_cpu`; the LM head in
+  int8 (HEAD_MODE). 95 MB per step for SmolLM2; real answers' NLL +0.1% bare, +0.2% with experts.
+- `int8`: int8 weights with one scale per output row, bf16 inputs, `_weight_int8pack_mm` (135 MB; NLL +0.2%/+0.4%).
+- `fp16` (`auto` on other x86 CPUs): fbgemm's fp16-weight GEMM, fp32 inputs and accumulation (269 MB; NLL
+  unchanged to 4 digits). On AVX2 without bf16 hardware the int8/int4 kernels ran slower than fp32 at batch 16, so
+  they are refused there; fbgemm's own int8 linear (one 7-bit input scale per tensor) raised the NLL by half.
 
-Memory: the packed copy (half the fp32 linear bytes, 269 MB for SmolLM2) sits beside the fp32 model; adapters cost
-what they did. torch 2.13 flags the fbgemm fp16 ops as deprecated: a torch without them serves `auto` as `none`.
+Memory: the packed copy sits beside the fp32 model; adapters cost what they did. torch 2.13 flags the fbgemm fp16
+ops as deprecated: a torch without them serves `auto` as `none` on a CPU without bf16 dot products.
 """
 
 from __future__ import annotations

@@ -35,6 +35,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from core.device import release_openmp_pool
 from core.settings import Settings
 from experts.seed import split_digest
 
@@ -224,6 +225,9 @@ def routing_cost(local: Settings, backbone, routing, texts: Sequence[str]) -> di
             started = time.perf_counter()
             routing.route([text])
             route_s.append(time.perf_counter() - started)
+            # the ingress routes in its own process: this thread's OpenMP pool must not throttle the engine's
+            # (core.device.release_openmp_pool; left alive, it made the generation here 2x slower)
+            release_openmp_pool()
             ids = backbone.tokenizer.apply_chat_template([{"role": "user", "content": text}], tokenize=True,
                                                          add_generation_prompt=True, return_dict=True)["input_ids"]
             started = time.perf_counter()

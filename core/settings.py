@@ -18,8 +18,6 @@ if TYPE_CHECKING:
 DEFAULT_BACKBONE = "smollm2-135m-instruct"
 
 
-
-
 class Settings(BaseSettings):
     """Service-wide configuration (env prefix ``MOE_``)."""
 

@@ -70,7 +70,9 @@ def fbgemm_available() -> bool:
 
 def bf16_cpu() -> bool:
     """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX), which the int8/int4 kernels need to be fast."""
-    return bool(torch.cpu._is_avx512_bf16_supported() or torch.cpu._is_amx_tile_supported())
+    # private torch probes (torch.cpu); a torch without them is treated as a CPU without bf16 dot products
+    probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(probe() for probe in probes if probe is not None)
 
 
 def resolve_quant(mode: str, device: torch.device) -> str:

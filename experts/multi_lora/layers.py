@@ -124,9 +124,8 @@ class MultiLoraLinear(nn.Module):
         self.compact_bt = self.lora_bt.index_select(0, index).reshape(-1, self.lora_bt.shape[-1])
 
     def _base(self, x: torch.Tensor) -> torch.Tensor:
-        """W x + b: from the low-bit copy in a quantized pass narrow enough for it to win (a decode step, not a
-        prefill: experts.quant.PACKED_MAX_ROWS), else F.linear on the wrapped weights (not self.base(x): one
-        module call less per layer and step)."""
+        """W x + b: from the low-bit copy where this pass reads it (_low_bit), else F.linear on the wrapped weights
+        (not self.base(x): one module call less per layer and step)."""
         if self._low_bit(x):
             return self.quant(x)
         return nn.functional.linear(x, self.base.weight, self.base.bias)

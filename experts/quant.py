@@ -118,6 +118,10 @@ class Fp16Linear:
         return torch.fbgemm_linear_fp16_weight_fp32_activation(x, self.packed, self.bias)
 
 
+INT4_GROUP = 32
+"""Inputs per 4-bit group (llama.cpp's Q4_1 uses 32)."""
+
+
 class Int8Linear:
     """Weight-only int8 (one scale per output row), bf16 inputs (torch's `_weight_int8pack_mm`); the output comes
     back fp32. Fast only on a CPU with bf16 dot products (AVX512-BF16 or AMX): see `bf16_cpu`."""
@@ -164,10 +168,6 @@ class Int4Linear:
         y = torch._weight_int4pack_mm_for_cpu(x2, self.packed, INT4_GROUP, self.scales_and_zeros)
         y = y.float().view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
-
-
-INT4_GROUP = 32
-"""Inputs per 4-bit group (llama.cpp's Q4_1 uses 32)."""
 
 
 def _int4(linear: nn.Linear) -> QuantizedLinear:

@@ -86,6 +86,55 @@ def test_rows_joining_a_running_batch_match_solo_runs(backbone, settings):
     assert together == solo
 
 
+def test_prefill_groups_bound_the_padding_computed():
+    """Admitted rows prefill in passes of similar prompt length, shortest first, each pass computing at most
+    PREFILL_PADDING x its real positions (a lone long prompt gets its own pass)."""
+    from types import SimpleNamespace
+
+    from experts.engine.scheduler import PREFILL_PADDING, prefill_groups
+
+    lengths = [160, 90, 295, 98, 45, 73, 66, 49, 62, 46, 78, 39, 37, 45, 37, 45]  # bench.cpu_anchor's 16 prompts
+    rows = [SimpleNamespace(request=SimpleNamespace(prompt_ids=[0] * n)) for n in lengths]
+    groups = prefill_groups(rows)
+    sizes = [[len(r.request.prompt_ids) for r in group] for group in groups]
+    assert sizes == [[37, 37, 39, 45, 45, 45, 46, 49], [62, 66, 73, 78, 90], [98, 160], [295]]
+    assert sorted(id(r) for group in groups for r in group) == sorted(id(r) for r in rows)
+    for group in sizes:
+        assert max(group) * len(group) <= PREFILL_PADDING * sum(group)
+    assert sum(max(g) * len(g) for g in sizes) == 1457  # one left-padded pass: 16 x 295 = 4720
+    assert len(prefill_groups(rows[4:5] * 3)) == 1  # equal lengths: one pass
+    assert len(prefill_groups(rows, max_padding=float("inf"))) == 1
+
+
+def test_prompts_of_mixed_lengths_prefill_apart_and_decode_together(backbone, settings):
+    """One admission of short and long prompts takes several prefill passes, then decodes as one batch; every
+    row's greedy text is what it is alone."""
+    from experts.engine.request import joining_sink
+
+    texts = ["hi", "reset my password", " ".join(["the quick brown fox jumps over the lazy dog"] * 6), "a b"]
+    prompts = _prompts(backbone, texts)
+    params = SamplingParams(max_tokens=8, temperature=0)
+    engine = GenerationEngine(backbone, settings).start()
+    try:
+        solo = [engine.generate_many([GenerationRequest(p, (), params)])[0].text for p in prompts]
+    finally:
+        engine.stop()
+    engine = GenerationEngine(backbone, settings)
+    finals: dict[str, str] = {}
+    requests = [GenerationRequest(p, (), params) for p in prompts]
+    for request in requests:  # all queued before the engine starts: one admission
+        engine.submit(request, joining_sink(lambda event: finals.__setitem__(event.request_id, event.text)))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(finals) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+    finally:
+        engine.stop()
+    assert [finals[r.request_id] for r in requests] == solo
+    assert engine.stats["prefills"] >= 2 and engine.stats["rows_max"] == len(prompts)
+
+
 def test_sampling_seed_stop_and_length(backbone, settings):
     engine = GenerationEngine(backbone, settings).start()
     prompt = _prompts(backbone, ["tell me"])[0]

@@ -1,10 +1,10 @@
 """The generation engine: continuous (step-level) batching over the batched multi-LoRA layer.
 
 One background thread owns the model. Each loop iteration it (1) applies adapter commands, (2) admits
-waiting requests up to `max_batch_size` (scheduler.py) and prefills them together, merging their KV cache
-into the running batch (batch.py), and (3) decodes one token for every running row, whatever expert mixture
-each row uses, samples (sampler.py) and turns tokens into text deltas (output.py). Rows leave the batch as
-soon as they finish or their client goes away.
+waiting requests up to `max_batch_size` (scheduler.py) and prefills them in passes of similar prompt length,
+merging their KV cache into the running batch (batch.py), and (3) decodes one token for every running row,
+whatever expert mixture each row uses, samples (sampler.py) and turns tokens into text deltas (output.py). Rows
+leave the batch as soon as they finish or their client goes away.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from experts.engine.batch import Row, RunningBatch, left_padded
 from experts.engine.output import OutputProcessor
 from experts.engine.request import Completion, GenerationRequest, RowTiming, Sink, TokenEvent, joining_sink
 from experts.engine.sampler import sample
-from experts.engine.scheduler import Scheduler
+from experts.engine.scheduler import Scheduler, prefill_groups
 from experts.kv_cache import GrowingCache
 from experts.multi_lora import Mixture, MultiLoraModel
 from experts.quant import resolve_quant
@@ -249,7 +249,8 @@ class GenerationEngine:
         admitted = self._admit()
         if admitted:
             started = time.perf_counter()
-            self._prefill(admitted)
+            for group in prefill_groups(admitted):  # similar prompt lengths per pass: little padding computed
+                self._prefill(group)
             self.stats["prefill_s"] += time.perf_counter() - started
         if self.batch.rows:
             started = time.perf_counter()

@@ -1,4 +1,5 @@
-"""Admission: the queue of submitted rows and how many join the running batch each step."""
+"""Admission: the queue of submitted rows, how many join the running batch each step, and how the admitted rows
+are grouped into prefill passes."""
 
 from __future__ import annotations
 
@@ -57,3 +58,25 @@ class Scheduler:
             except queue.Empty:
                 break
         return admitted
+
+
+PREFILL_PADDING = 1.25
+"""Largest ratio of computed to real prompt positions in one prefill pass (prefill_groups)."""
+
+
+def prefill_groups(rows: list[Row], max_padding: float = PREFILL_PADDING) -> list[list[Row]]:
+    """The admitted rows in prefill passes of similar prompt length, shortest first. A left-padded pass computes
+    every row at its longest prompt's length: the 16 bench prompts (37-295 tokens) in one pass computed 4720
+    positions for 1265 real ones (7-9 s on 2 cores). Sorted by length, a row opens a new pass when adding it would
+    make the pass compute more than `max_padding` x its real positions (those 16: 4 passes, 1457 positions)."""
+    groups: list[list[Row]] = []
+    real = 0
+    for row in sorted(rows, key=lambda r: len(r.request.prompt_ids)):
+        length = len(row.request.prompt_ids)  # the longest so far: the rows are sorted
+        if groups and length * (len(groups[-1]) + 1) <= max_padding * (real + length):
+            groups[-1].append(row)
+            real += length
+        else:
+            groups.append([row])
+            real = length
+    return groups

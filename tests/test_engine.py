@@ -15,6 +15,7 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from core.errors import ExpertNotFoundError, OverloadedError
 from experts.adapters import load_lora_weights
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
+from experts.engine.attention import DECODE_ATTENTION, GROUP_PADDING, grouped_decode_attention, row_groups
 
 
 @pytest.fixture
@@ -133,6 +134,46 @@ def test_prompts_of_mixed_lengths_prefill_apart_and_decode_together(backbone, se
         engine.stop()
     assert [finals[r.request_id] for r in requests] == solo
     assert engine.stats["prefills"] >= 2 and engine.stats["rows_max"] == len(prompts)
+    assert backbone.model.config._attn_implementation == DECODE_ATTENTION  # decode steps attended per row group
+
+
+def test_row_groups_bound_the_padding_attended():
+    """Consecutive rows share one attention call while their columns x rows stay within GROUP_PADDING x the real
+    columns they attend; a row far shorter than its neighbours starts a group of its own."""
+    assert row_groups([0, 0, 0], 10) == [(0, 3, 0)]
+    assert row_groups([5], 10) == [(0, 1, 5)]
+    assert row_groups([0, 9, 0], 10) == [(0, 1, 0), (1, 2, 9), (2, 3, 0)]
+    starts = [295 - n for n in (37, 37, 39, 45, 45, 45, 46, 49, 62, 66, 73, 78, 90, 98, 160, 295)]
+    groups = row_groups(starts, 295)
+    assert len(groups) >= 2 and groups[-1][1:] == (16, 0)
+    assert sum((end - first) * (295 - column) for first, end, column in groups) < 0.5 * 16 * 295
+    for first, end, column in groups:
+        real = sum(295 - s for s in starts[first:end])
+        assert column == min(starts[first:end]) and (295 - column) * (end - first) <= GROUP_PADDING * real
+    assert [r for first, end, _ in groups for r in range(first, end)] == list(range(16))
+
+
+def test_grouped_decode_attention_equals_sdpa_over_the_whole_batch():
+    """One query row per sequence over a left-padded cache: attending per row group gives SDPA's output over the
+    whole padded batch; other passes (prefill, one row, no mask) are SDPA itself."""
+    from transformers.integrations.sdpa_attention import sdpa_attention_forward
+
+    torch.manual_seed(3)
+    module = torch.nn.Module()
+    module.num_key_value_groups, module.is_causal = 3, True
+    rows, length = 6, 40
+    query, key, value = torch.randn(rows, 9, 1, 16), torch.randn(rows, 3, length, 16), torch.randn(rows, 3, length, 16)
+    mask = torch.zeros(rows, 1, 1, length, dtype=torch.bool)
+    for row, start in enumerate([30, 31, 28, 0, 12, 35]):
+        mask[row, ..., start:] = True
+    expected, _ = sdpa_attention_forward(module, query, key, value, mask)
+    grouped, _ = grouped_decode_attention(module, query, key, value, mask)
+    assert len(row_groups(mask[:, 0, -1].int().argmax(-1).tolist(), length)) > 1
+    torch.testing.assert_close(grouped, expected, rtol=0, atol=1e-6)
+    prefill_query = torch.randn(rows, 9, 4, 16)
+    prefill_mask = torch.ones(rows, 1, 4, length, dtype=torch.bool)
+    torch.testing.assert_close(grouped_decode_attention(module, prefill_query, key, value, prefill_mask)[0],
+                               sdpa_attention_forward(module, prefill_query, key, value, prefill_mask)[0])
 
 
 def test_sampling_seed_stop_and_length(backbone, settings):

@@ -22,6 +22,7 @@ import torch
 
 from core.device import release_openmp_pool
 from core.errors import ExpertNotFoundError, InvalidInputError
+from experts.engine.attention import use_grouped_decode_attention
 from experts.engine.batch import Row, RunningBatch, left_padded
 from experts.engine.output import OutputProcessor
 from experts.engine.request import Completion, GenerationRequest, RowTiming, Sink, TokenEvent, joining_sink
@@ -50,6 +51,8 @@ class GenerationEngine:
         self.device = backbone.device
         # low-bit copies of the linear layers for this engine's passes (CPU); the fp32 weights stay for the rest
         self.multi = multi or MultiLoraModel(self.model, quant=resolve_quant(settings.backbone_quant, self.device))
+        if self.device.type == "cpu" and self.model.config._attn_implementation == "sdpa":
+            use_grouped_decode_attention(self.model)  # decode steps skip most of the batch's left padding
         eos = self.model.generation_config.eos_token_id if self.model.generation_config else None
         eos_ids = set(eos if isinstance(eos, list) else [eos] if eos is not None else [])
         eos_ids.add(self.tokenizer.eos_token_id)

@@ -137,6 +137,40 @@ def test_prompts_of_mixed_lengths_prefill_apart_and_decode_together(backbone, se
     assert backbone.model.config._attn_implementation == DECODE_ATTENTION  # decode steps attended per row group
 
 
+def test_a_failed_prefill_pass_fails_its_admission_and_the_engine_serves_on(backbone, settings, monkeypatch):
+    """When one prefill pass of an admission fails, every row of that admission finishes with an error (rows of
+    passes never run included: nothing would finish them otherwise), and the next request is served."""
+    from experts.engine.request import joining_sink
+
+    engine = GenerationEngine(backbone, settings)
+    forward = engine._forward
+
+    def failing_on_long_prompts(ids, *args):
+        if ids.shape[1] > 20:
+            raise RuntimeError("prefill broke")
+        return forward(ids, *args)
+
+    monkeypatch.setattr(engine, "_forward", failing_on_long_prompts)
+    texts = ["hi", "a b", " ".join(["the quick brown fox jumps over the lazy dog"] * 4)]
+    finals: dict[str, object] = {}
+    requests = [GenerationRequest(p, (), SamplingParams(max_tokens=4, temperature=0))
+                for p in _prompts(backbone, texts)]
+    for request in requests:  # one admission: the short prompts' pass runs first, the long one's fails
+        engine.submit(request, joining_sink(lambda event: finals.__setitem__(event.request_id, event)))
+    engine.start()
+    try:
+        deadline = time.monotonic() + 60
+        while len(finals) < len(requests) and time.monotonic() < deadline:
+            time.sleep(0.01)
+        assert [finals[r.request_id].finish_reason for r in requests] == ["error"] * 3
+        assert "prefill broke" in finals[requests[2].request_id].error
+        after = engine.generate_many([GenerationRequest(_prompts(backbone, ["hello"])[0], (),
+                                                        SamplingParams(max_tokens=3, temperature=0))])
+    finally:
+        engine.stop()
+    assert after[0].finish_reason == "length" and after[0].completion_tokens == 3
+
+
 def test_row_groups_bound_the_padding_attended():
     """Consecutive rows share one attention call while their columns x rows stay within GROUP_PADDING x the real
     columns they attend; a row far shorter than its neighbours starts a group of its own."""

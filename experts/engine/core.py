@@ -252,8 +252,12 @@ class GenerationEngine:
         admitted = self._admit()
         if admitted:
             started = time.perf_counter()
-            for group in prefill_groups(admitted):  # similar prompt lengths per pass: little padding computed
-                self._prefill(group)
+            try:
+                for group in prefill_groups(admitted):  # similar prompt lengths per pass: little padding computed
+                    self._prefill(group)
+            except Exception as exc:
+                self._fail_unmerged(admitted, exc)
+                raise  # the loop fails the running batch, as for any failed step
             self.stats["prefill_s"] += time.perf_counter() - started
         if self.batch.rows:
             started = time.perf_counter()
@@ -372,6 +376,13 @@ class GenerationEngine:
             row.sink(self._event(row, text, reason, error))
         except Exception:  # a consumer that went away must not stop the engine
             logger.debug("sink of %s failed", row.request.request_id, exc_info=True)
+
+    def _fail_unmerged(self, admitted: list[Row], exc: Exception) -> None:
+        """Finish the admitted rows that a failed prefill left outside the batch: nothing else would."""
+        merged = {id(row) for row in self.batch.rows}
+        for row in admitted:
+            if id(row) not in merged:
+                self._finish(row, "error", error=f"{exc.__class__.__name__}: {exc}")
 
     def _drop_cancelled(self) -> None:
         gone = [i for i, r in enumerate(self.batch.rows) if r.cancelled]

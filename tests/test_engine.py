@@ -15,7 +15,8 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from core.errors import ExpertNotFoundError, OverloadedError
 from experts.adapters import load_lora_weights
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
-from experts.engine.attention import DECODE_ATTENTION, GROUP_PADDING, grouped_decode_attention, row_groups
+from experts.engine.attention import DECODE_ATTENTION, grouped_decode_attention
+from experts.engine.batch import GROUP_PADDING, row_groups
 
 
 @pytest.fixture

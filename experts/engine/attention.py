@@ -17,29 +17,12 @@ from transformers import AttentionInterface, PreTrainedModel
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import ALL_MASK_ATTENTION_FUNCTIONS, sdpa_mask
 
+from experts.engine.batch import row_groups
+
 DECODE_ATTENTION = "moe_grouped_sdpa"
 """The attention implementation's registered name."""
-GROUP_PADDING = 1.5
-"""Largest ratio of attended to real columns in one group of rows (row_groups)."""
 
 _last = threading.local()  # per engine thread: the last mask seen and its groups (one mask serves every layer)
-
-
-def row_groups(starts: list[int], length: int, max_padding: float = GROUP_PADDING) -> list[tuple[int, int, int]]:
-    """(first row, end row, first column) per group of consecutive rows, from each row's first attended column:
-    a group grows while its columns x rows stay within `max_padding` x the real columns its rows attend."""
-    groups: list[tuple[int, int, int]] = []
-    first = low = real = 0
-    for row, start in enumerate(starts):
-        if row > first:
-            new_low = min(low, start)
-            if (length - new_low) * (row - first + 1) <= max_padding * (real + length - start):
-                low, real = new_low, real + length - start
-                continue
-            groups.append((first, row, low))
-        first, low, real = row, start, length - start
-    groups.append((first, len(starts), low))
-    return groups
 
 
 def _groups_for(mask: torch.Tensor) -> list[tuple[int, int, int]]:

@@ -53,6 +53,28 @@ def left_padded(prompts: Sequence[Sequence[int]], pad: int) -> tuple[torch.Tenso
     return ids, mask, positions
 
 
+GROUP_PADDING = 1.5
+"""Largest ratio of attended to real columns in one group of decode rows (row_groups' default)."""
+
+
+def row_groups(starts: Sequence[int], length: int, max_padding: float = GROUP_PADDING) -> list[tuple[int, int, int]]:
+    """(first row, end row, first column) per group of consecutive left-padded rows of `length` columns, from each
+    row's first real column: a group grows while its columns x rows stay within `max_padding` x its real columns
+    (prefill passes: scheduler.prefill_groups; decode attention: attention.grouped_decode_attention)."""
+    groups: list[tuple[int, int, int]] = []
+    first = low = real = 0
+    for row, start in enumerate(starts):
+        if row > first:
+            new_low = min(low, start)
+            if (length - new_low) * (row - first + 1) <= max_padding * (real + length - start):
+                low, real = new_low, real + length - start
+                continue
+            groups.append((first, row, low))
+        first, low, real = row, start, length - start
+    groups.append((first, len(starts), low))
+    return groups
+
+
 def _left_pad(t: torch.Tensor, dim: int, target: int) -> torch.Tensor:
     """Zeros in front of `t` along `dim` up to `target` (padding columns are masked out)."""
     if t.shape[dim] == target:

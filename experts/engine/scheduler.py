@@ -8,7 +8,7 @@ import time
 from typing import TYPE_CHECKING
 
 from core.errors import OverloadedError
-from experts.engine.batch import Row
+from experts.engine.batch import Row, row_groups
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from core.settings import Settings
@@ -69,14 +69,9 @@ def prefill_groups(rows: list[Row], max_padding: float = PREFILL_PADDING) -> lis
     every row at its longest prompt's length: the 16 bench prompts (37-295 tokens) in one pass computed 4720
     positions for 1265 real ones (7-9 s on 2 cores). Sorted by length, a row opens a new pass when adding it would
     make the pass compute more than `max_padding` x its real positions (those 16: 4 passes, 1457 positions)."""
-    groups: list[list[Row]] = []
-    real = 0
-    for row in sorted(rows, key=lambda r: len(r.request.prompt_ids)):
-        length = len(row.request.prompt_ids)  # the longest so far: the rows are sorted
-        if groups and length * (len(groups[-1]) + 1) <= max_padding * (real + length):
-            groups[-1].append(row)
-            real += length
-        else:
-            groups.append([row])
-            real = length
-    return groups
+    if not rows:
+        return []
+    ordered = sorted(rows, key=lambda r: len(r.request.prompt_ids))
+    longest = len(ordered[-1].request.prompt_ids)
+    starts = [longest - len(row.request.prompt_ids) for row in ordered]  # as if left-padded together
+    return [ordered[first:end] for first, end, _ in row_groups(starts, longest, max_padding)]

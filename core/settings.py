@@ -82,9 +82,11 @@ class Settings(BaseSettings):
 
     # --- router --------------------------------------------------------------------------
     router_layers: list[int] = Field(
-        default=[6, 10, 16],
+        default=[10],
         description="Backbone layers (1-based) whose mean-pooled hidden states, concatenated, feed the router "
-        "(JSON list in MOE_ROUTER_LAYERS; [] = none). Routing runs the backbone up to the deepest one.",
+        "(JSON list in MOE_ROUTER_LAYERS; [] = none). Routing runs the backbone up to the deepest one: layer 10 "
+        "with the sentence encoder routes real queries as well as layers 6+10+16 did, in 10 layers instead of 16 "
+        "(docs/benchmarks.md).",
     )
     router_sentence_encoder: str = Field(
         default="all-MiniLM-L6-v2",

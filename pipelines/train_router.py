@@ -103,6 +103,14 @@ def backbone_encoder(settings: Settings, backbone) -> Encode:
     return make_encoder(backbone.model, backbone.tokenizer, settings.cache_dir / "features", backbone.fingerprint)
 
 
+def sentence_width(encode: Encode, spec: FeatureSpec, text: str) -> int:
+    """Width of the sentence-embedding block that ends `spec`'s features (0 without a sentence encoder): the gate
+    scores class prototypes in that block (GateConfig.prototype_dims)."""
+    if not spec.sentence_encoder:
+        return 0
+    return int(encode([text], FeatureSpec(sentence_encoder=spec.sentence_encoder)).shape[1])
+
+
 def load_labelled(session: Session, labels: Sequence[str]) -> tuple[LabelledSet, LabelledSet]:
     train, val = LabelledSet(), LabelledSet()
     seen: set[tuple[str, str]] = set()
@@ -287,7 +295,7 @@ def train_router(
     if init is not None:  # the augmented copies follow the originals, same order
         anchor = torch.tensor(rows.replay + [rows.replay[i] for i in rows.augmented_from])
     router = train_router_on_features(labels, train_x, train_y, val_x, val_y, spec, fingerprint, config, init=init,
-                                      anchor=anchor)
+                                      anchor=anchor, prototype_dims=sentence_width(encode, spec, train.texts[0]))
     metrics = evaluate(router, val_x, val_y)
     active_metrics = None
     if active_router is not None:

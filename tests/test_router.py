@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -128,6 +130,26 @@ def test_train_router_promotes_first_and_gates_the_next(settings, backbone):
         session.commit()
     with sessions.begin() as session:
         assert repo.rollback_router(session).version == 1
+
+
+def test_pipeline_router_scores_prototypes_in_the_sentence_block(settings, backbone):
+    """With a sentence encoder in the features, `train_router` fits the gate's class prototypes over that block
+    (the shipped router was once trained without them: the pipeline never passed the block's width)."""
+    import zlib
+
+    class FakeSentences:  # the boundary: a sentence encoder is any object with encode(texts) -> [N, D]
+        def encode(self, texts, batch_size=32, progress=False):
+            rows = [torch.randn(5, generator=torch.Generator().manual_seed(zlib.crc32(t.encode()))) for t in texts]
+            return torch.nn.functional.normalize(torch.stack(rows), dim=-1)
+
+    local = settings.model_copy(update={"router_sentence_encoder": "enc"})
+    sessions = session_factory(local)
+    _seed_registry(sessions, DOMAIN_PROMPTS)
+    encode = make_encoder(backbone.model, backbone.tokenizer, sentence_loader=lambda name: FakeSentences())
+    report = train_router(local, sessions, encode, backbone.fingerprint, RouterTrainConfig(epochs=5))
+    router = Router.load(Path(report.path))
+    assert router.config.prototype_dims == 5 and router.config.prototype_scale == RouterTrainConfig().prototype_scale
+    torch.testing.assert_close(router.gate.prototypes.norm(dim=-1), torch.ones(len(router.labels)))
 
 
 def test_feature_cache_encodes_only_new_texts(tmp_path):

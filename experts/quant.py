@@ -4,8 +4,9 @@ Why: decode on a CPU is bound by the weight bytes a step reads (SmolLM2-135M in 
 the batch). A served pass (`MultiLoraModel.routing`, i.e. every engine step and `moe eval qa`) reads a packed
 low-bit copy of each linear layer instead. The fp32 weights stay where they are, so everything else that runs the
 backbone computes exactly what it did: the router's feature pass (the gate was trained on fp32 features), expert
-training (experts are trained on the full-precision backbone), a plain forward. The LoRA experts' A and B stay
-fp32 and run as their own small matmuls beside the quantized base (as QLoRA serves them).
+training (experts are trained on the full-precision backbone), a plain forward. The LoRA experts' B stay fp32 and
+run as their own small matmuls beside the quantized base (as QLoRA serves them); their A rows ride on the int8/int4
+copies in stacked passes (experts.multi_lora.fused: one packed matmul yields W x and A x; NLL +0.02%).
 
 Kernels, chosen per CPU by measurement (`resolve_quant`, docs/design-notes.md):
 - `int4` (`auto` on a CPU with bf16 dot products: AVX512-BF16 or AMX): 4-bit weights in groups of 32 with a scale
@@ -23,6 +24,7 @@ ops as deprecated: a torch without them serves `auto` as `none` on a CPU without
 
 from __future__ import annotations
 
+import copy
 import warnings
 from collections.abc import Callable
 from typing import Protocol
@@ -36,6 +38,8 @@ BF16_CPU_DEFAULT = "int4"
 """What `auto` means on a CPU with bf16 dot products (AVX512-BF16 or AMX): see resolve_quant."""
 CPU_DEFAULT = "fp16"
 """What `auto` means on other x86 CPUs with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
+APPENDABLE_MODES = ("int8", "int4")
+"""Modes whose packed copies can take appended output rows (experts.multi_lora.fused: LoRA A rows ride on them)."""
 BF16_MODES = ("int8", "int4")
 """Modes whose kernels take bf16 inputs: measured slower than fp32 at batch 16 without bf16 hardware."""
 
@@ -142,6 +146,18 @@ class Int8Linear:
         y = torch._weight_int8pack_mm(x2, self.weight, self.scale).float().view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
+    def appended(self, rows: torch.Tensor) -> Int8Linear:
+        """A copy whose output also holds `rows` x ([R, in] fp32 rows quantized alike); this copy's weights become a
+        prefix view of the new one's, so the base rows are stored once."""
+        extra = Int8Linear(_as_linear(rows))
+        out = copy.copy(self)
+        out.weight = torch.cat([self.weight, extra.weight])
+        out.scale = torch.cat([self.scale, extra.scale])
+        out.bias = None if self.bias is None else torch.cat([self.bias, rows.new_zeros(rows.shape[0])])
+        out.nbytes = self.nbytes + extra.nbytes
+        self.weight, self.scale = out.weight[: self.weight.shape[0]], out.scale[: self.scale.shape[0]]
+        return out
+
 
 class Int4Linear:
     """4-bit weights in groups of INT4_GROUP inputs, each group with its own scale and offset (llama.cpp's Q4_1
@@ -170,6 +186,20 @@ class Int4Linear:
         y = y.float().view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
+    def appended(self, rows: torch.Tensor) -> Int4Linear:
+        """A copy whose output also holds `rows` x ([R, in] fp32, R a multiple of ROW_ALIGN, quantized alike). The
+        packed layout is row-major per output row (packing the rows apart and concatenating equals packing them
+        together), so this copy's codes become a prefix view of the new one's and are stored once; its scales
+        ([in/g, out, 2]) stay a contiguous copy of their own (the kernel reads them whole)."""
+        extra = Int4Linear(_as_linear(rows))
+        out = copy.copy(self)
+        out.packed = torch.cat([self.packed, extra.packed])
+        out.scales_and_zeros = torch.cat([self.scales_and_zeros, extra.scales_and_zeros], dim=1)
+        out.bias = None if self.bias is None else torch.cat([self.bias, rows.new_zeros(rows.shape[0])])
+        out.nbytes = self.nbytes + extra.nbytes
+        self.packed = out.packed[: self.packed.shape[0]]
+        return out
+
 
 class Int8DynamicLinear:
     """int8 weights (one scale per output row) times int8 activations (one scale per input row, computed per
@@ -194,6 +224,17 @@ class Int8DynamicLinear:
         # int32 [N, out] times the weight rows' scales (-> fp32), then the input rows'
         y = torch.mul(torch._int_mm(codes, self.weight_t), self.scale).mul_(row_scale).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
+
+
+ROW_ALIGN = 16
+"""`_convert_weight_to_int4pack_for_cpu` packs output rows in multiples of 16: appended rows are padded to it."""
+
+
+def _as_linear(rows: torch.Tensor) -> nn.Linear:
+    """A bias-free nn.Linear holding `rows` ([out, in]) as its weight (what the copies' constructors take)."""
+    linear = nn.Linear(rows.shape[1], rows.shape[0], bias=False)
+    linear.weight.data = rows.detach().float()
+    return linear
 
 
 def _int4(linear: nn.Linear) -> QuantizedLinear:

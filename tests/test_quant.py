@@ -23,6 +23,7 @@ from experts.adapters import load_lora_weights
 from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
 from experts.multi_lora import MultiLoraModel
 from experts.quant import (
+    APPENDABLE_MODES,
     PACKED_MAX_ROWS,
     Int8DynamicLinear,
     Int8Linear,
@@ -148,8 +149,9 @@ def test_router_copy_reads_fp16_for_one_prompt_and_fp32_for_a_batch(backbone):
 @MODES
 @KERNELS
 def test_multi_lora_rows_match_fp32(backbone, adapters, mode, stacked_max_columns, compact_max_columns, kernel):
-    """Mixed rows (top-1, top-2, bare) on the quantized base against the same rows on the fp32 base; the LoRA
-    deltas themselves are fp32 in both."""
+    """Mixed rows (top-1, top-2, bare) on the quantized base against the same rows on the fp32 base. The LoRA B's
+    are fp32 in both; a stacked pass over int8/int4 reads A from the low-bit copy too (A rows ride on it:
+    experts.multi_lora.fused), so its tolerance adds half a base tolerance (worst case measured 0.28 on int4)."""
     ids = torch.randint(0, backbone.model.config.vocab_size, (4, 7))
     mixtures = [[("a", 1.0)], [("b", 0.7), ("c", 0.3)], [], [("c", 1.0)]]
     outputs = {}
@@ -163,12 +165,13 @@ def test_multi_lora_rows_match_fp32(backbone, adapters, mode, stacked_max_column
             outputs[quant] = model(input_ids=ids).logits
         with torch.no_grad(), multi.routing([[]] * 4):
             outputs[quant + "-bare"] = model(input_ids=ids).logits
-    torch.testing.assert_close(outputs[mode], outputs["none"], rtol=0, atol=TOLERANCE[mode])
+    tolerance = TOLERANCE[mode] * (1.5 if kernel == "stacked" and mode in APPENDABLE_MODES else 1.0)
+    torch.testing.assert_close(outputs[mode], outputs["none"], rtol=0, atol=tolerance)
     # the experts still change the output as much as they do on fp32 (not silently dropped)
     delta_fp32 = outputs["none"] - outputs["none-bare"]
     delta_quant = outputs[mode] - outputs[mode + "-bare"]
     assert delta_fp32[[0, 1, 3]].abs().max() > 4 * TOLERANCE[mode]  # 1.0 on the tiny model: above any tolerance
-    torch.testing.assert_close(delta_quant, delta_fp32, rtol=0, atol=2 * TOLERANCE[mode])
+    torch.testing.assert_close(delta_quant, delta_fp32, rtol=0, atol=2 * tolerance)
 
 
 def test_memory_per_expert_is_unchanged(backbone, adapters):

@@ -22,11 +22,14 @@ the batch's routing (kernel choice, the [N, U*r] gate mask, the compact stacks) 
 in `set_mixtures`; a layer's forward is then a few tensor ops on 2-D views, no per-row Python.
 docs/benchmarks.md has the measurements.
 
-On a CPU the base term W x of a served pass comes from a low-bit (fp16) copy of W (experts.quant,
-MOE_BACKBONE_QUANT); the adapters stay fp32, their A's a stack of their own instead of rows under W.
+On a CPU the base term W x of a served pass comes from a low-bit copy of W (experts.quant,
+MOE_BACKBONE_QUANT), one per input group (`fused`: q/k/v and gate/up stacked by rows, one packed matmul). The
+B's stay fp32; in a stacked pass over an int8/int4 copy the group's A rows ride on it (appended output rows, the
+low-bit W_aug), otherwise the A's are an fp32 stack of their own.
 
 Modules: `metadata` (the kernel enum and the per-pass routing tensors), `layers` (MultiLoraLinear and the
-shared-input groups), `manager` (MultiLoraModel: adapter slots, stacking, per-pass preparation).
+shared-input groups), `fused` (the groups' shared low-bit copies), `manager` (MultiLoraModel: adapter slots,
+stacking, per-pass preparation).
 """
 
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear

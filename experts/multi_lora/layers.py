@@ -13,6 +13,7 @@ from experts.multi_lora.metadata import GateState, LoraKernel
 from experts.quant import packed_wins
 
 if TYPE_CHECKING:
+    from experts.multi_lora.fused import FusedLowBit
     from experts.quant import QuantizedLinear
 
 
@@ -32,6 +33,7 @@ class InputGroup:
         self.augmented: torch.Tensor | None = None  # W_aug [out_leader + G*S*r, in]
         self.split_sizes: list[int] = []  # [out_leader, G*S*r]: W_aug's output split
         self.compact_a: torch.Tensor | None = None  # [G*U*r, in] for the used slots of a compact pass
+        self.riding: FusedLowBit | None = None  # the members' low-bit copy, with lora_a's rows appended
         self._input: torch.Tensor | None = None
         self._input_version = -1
         self._parts: tuple[torch.Tensor, ...] = ()  # G x [N*T, U*r], gate mask applied
@@ -154,11 +156,18 @@ class MultiLoraLinear(nn.Module):
                     y = y + self.base.bias
                 y.addmm_(group.remember(x, h)[0], self.flat_bt)
                 return y.view(*x.shape[:-1], -1)
-            # a narrow pass over the packed base, a compact pass, or a sibling that runs first: A on its own
-            # (the A rows of W_aug, read as [G*S*r, in]), h [N*T, G*U*r]
-            a = group.lora_a.view(-1, x2.shape[-1]) if kernel is LoraKernel.STACKED else group.compact_a
-            parts = group.remember(x, nn.functional.linear(x2, a))  # G x [N*T, U*r]
-        y = self._base(x2)  # [N*T, out]
+            if kernel is LoraKernel.STACKED and group.riding is not None and self._low_bit(x):
+                # the low-bit W_aug: the members' base outputs (kept for _base) and h from one packed matmul
+                h = group.riding.output_riding(x)  # [..., G*S*r]
+                parts = group.remember(x, h.reshape(-1, h.shape[-1]))
+            else:
+                # a wide pass over the fp32 base by a sibling that runs first, a compact pass, or a low-bit copy
+                # nothing rides on: A on its own (the A rows of W_aug, read as [G*S*r, in]), h [N*T, G*U*r]
+                a = group.lora_a.view(-1, x2.shape[-1]) if kernel is LoraKernel.STACKED else group.compact_a
+                parts = group.remember(x, nn.functional.linear(x2, a))  # G x [N*T, U*r]
+        # the base term from the original x: fused low-bit siblings (experts.multi_lora.fused) key their shared
+        # output on the tensor object, and x2 is a new view per call; reshape stays a view of their column slice
+        y = self._base(x).reshape(-1, self.out_features)  # [N*T, out]
         y.addmm_(parts[self.group_index], self.flat_bt if kernel is LoraKernel.STACKED else self.compact_bt)
         return y.view(*x.shape[:-1], -1)
 

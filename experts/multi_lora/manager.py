@@ -11,9 +11,10 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from experts.multi_lora.fused import FusedLowBit, SiblingSlice
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear
 from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
-from experts.quant import layer_mode, quantize_linear
+from experts.quant import APPENDABLE_MODES, layer_mode, quantize_linear
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from experts.adapters import LoraWeights
@@ -91,8 +92,18 @@ class MultiLoraModel:
                 paths.append(path)
             elif isinstance(module, nn.Linear) and path.rpartition(".")[0] not in wrapped:
                 paths.append(path)
-        for path in paths:
-            layer = self._wrap(path)
+        layers = [self._wrap(path) for path in paths]
+        for group in self._make_groups(paths):  # siblings on one input share one stacked copy (fused.py)
+            members = [self.layers[p] for p in group]
+            if any(layer.quant is not None for layer in members):
+                continue  # copies taken over from an earlier wrapper (_wrap)
+            modes = {self._layer_mode(layer.base) for layer in members}
+            fusable = len(members) > 1 and len(modes) == 1 and len({layer.base.bias is None for layer in members}) == 1
+            if fusable or (len(members) == 1 and modes <= set(APPENDABLE_MODES)):  # a lone layer for A to ride on
+                fused = FusedLowBit([layer.base for layer in members], modes.pop())
+                for layer, part in zip(members, fused.members(), strict=True):
+                    layer.quant = part
+        for layer in layers:
             if layer.quant is None:
                 layer.quant = quantize_linear(layer.base, self._layer_mode(layer.base))
 
@@ -103,7 +114,12 @@ class MultiLoraModel:
 
     def quantized_bytes(self) -> int:
         """Weight bytes a quantized pass reads for the linear layers (0 when not quantized)."""
-        return sum(layer.quant.nbytes for layer in self.layers.values() if layer.quant is not None)
+        copies = {}  # fused siblings share one copy
+        for layer in self.layers.values():
+            if layer.quant is not None:
+                owner = getattr(layer.quant, "fused", layer.quant)
+                copies[id(owner)] = owner.nbytes
+        return sum(copies.values())
 
     def add_adapter(self, weights: LoraWeights) -> int:
         """Load (or replace) an adapter; returns its slot. Rebuilds the stacks of every layer (~ms)."""
@@ -154,6 +170,9 @@ class MultiLoraModel:
         targeted = {path for w in live for path in w.modules}
         self.groups = []
         self.clear()
+        for layer in self.layers.values():
+            if isinstance(layer.quant, SiblingSlice):
+                layer.quant.fused.attach(None)  # the A rows riding on low-bit copies are restacked below
         for path, layer in self.layers.items():
             if path not in targeted:
                 InputGroup([layer], self.state).set_stack(None)  # releases A rows a W_aug may still hold
@@ -185,14 +204,20 @@ class MultiLoraModel:
         for index, layer in enumerate(members):
             layer.group = group
             layer.set_stack(group.lora_a[index], stacks_bt[index])
+        fused = members[0].quant.fused if isinstance(members[0].quant, SiblingSlice) else None
+        slices = [(layer.quant.fused, layer.quant.index) for layer in members if isinstance(layer.quant, SiblingSlice)]
+        if fused is not None and slices == [(fused, i) for i in range(len(fused.sizes))]:  # exactly its members
+            group.riding = fused if fused.attach(group.lora_a.reshape(-1, group.lora_a.shape[-1])) else None
         return group
 
     def adapter_bytes(self) -> int:
-        return sum(
+        """The adapters' fp32 stacks plus their A rows riding on low-bit copies."""
+        stacks = sum(
             (layer.lora_a.numel() + layer.lora_bt.numel()) * layer.lora_a.element_size()
             for layer in self.layers.values()
             if layer.lora_a is not None
         )
+        return stacks + sum(group.riding.riding_bytes for group in self.groups if group.riding is not None)
 
     def compact_cache_bytes(self) -> int:
         """Bytes of the gathered stacks of the slots a batch uses (many-slot case only; bounded by

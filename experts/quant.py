@@ -158,6 +158,10 @@ class Int8Linear:
         self.weight, self.scale = out.weight[: self.weight.shape[0]], out.scale[: self.scale.shape[0]]
         return out
 
+    def release(self) -> None:
+        """Own storage again after `appended` (the rows appended to it are dropped with the extended copy)."""
+        self.weight, self.scale = self.weight.clone(), self.scale.clone()
+
 
 class Int4Linear:
     """4-bit weights in groups of INT4_GROUP inputs, each group with its own scale and offset (llama.cpp's Q4_1
@@ -199,6 +203,10 @@ class Int4Linear:
         out.nbytes = self.nbytes + extra.nbytes
         self.packed = out.packed[: self.packed.shape[0]]
         return out
+
+    def release(self) -> None:
+        """Own storage again after `appended` (the rows appended to it are dropped with the extended copy)."""
+        self.packed = self.packed.clone()
 
 
 class Int8DynamicLinear:

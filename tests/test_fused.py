@@ -99,4 +99,7 @@ def test_lora_a_rides_on_the_low_bit_copy(backbone, adapters, mode):
         multi.remove_adapter(name)
     fused = {layer.quant.fused for layer in multi.layers.values() if isinstance(layer.quant, SiblingSlice)}
     assert fused and all(f.riding is None for f in fused)
+    for copy_ in (f.packed for f in fused):  # the base codes own their storage again: no A rows left behind
+        codes = copy_.packed if mode == "int4" else copy_.weight
+        assert codes.untyped_storage().nbytes() == codes.numel() * codes.element_size()
     torch.testing.assert_close(_served(multi, ids, [[]] * 4), untouched, rtol=0, atol=0)

@@ -66,10 +66,13 @@ class FusedLowBit:
         h = x A^T together (the low-bit counterpart of the fp32 W_aug). False (nothing rides) for None, or for a
         kernel whose packed layout cannot take rows (fp16, w8a8). 4-bit A moved the real answers' NLL with the
         domain's expert by 0.02% (docs/design-notes.md)."""
+        had_rows = self.riding is not None
         self.riding, self.rows, self._riding_sizes = None, 0, []
         self.forget()
         append = getattr(self.packed, "appended", None)
         if rows is None or append is None:
+            if had_rows:  # the base codes are a prefix view of the dropped extended copy: free its A rows
+                self.packed.release()
             return False
         padding = -rows.shape[0] % ROW_ALIGN
         padded = torch.cat([rows.float(), rows.new_zeros(padding, rows.shape[1])]) if padding else rows.float()

@@ -195,6 +195,7 @@ def report(results: dict[str, list[float]], prefill: dict[str, list[float]], nll
         "nll": nll, "bytes_per_expert": per_expert,
         "backbone_bytes_fp32": sum(p.numel() * p.element_size() for p in backbone.model.parameters()),
         "quantized_linear_bytes": engines["quant_bare"].multi.quantized_bytes(),
+        "wide_copy_bytes": engines["quant_bare"].multi.wide_bytes(),  # AMX CPUs only (experts.quant.WIDE_MODE)
         "ratios": ratios, "paired_median_ratios": {name: paired(*pair) for name, pair in pairs.items()},
     }
 

@@ -18,8 +18,13 @@ Kernels, chosen per CPU by measurement (`resolve_quant`, docs/design-notes.md):
   unchanged to 4 digits). On AVX2 without bf16 hardware the int8/int4 kernels ran slower than fp32 at batch 16, so
   they are refused there; fbgemm's own int8 linear (one 7-bit input scale per tensor) raised the NLL by half.
 
-Memory: the packed copy sits beside the fp32 model; adapters cost what they did. torch 2.13 flags the fbgemm fp16
-ops as deprecated: a torch without them serves `auto` as `none` on a CPU without bf16 dot products.
+On a CPU with AMX tiles an int4 model keeps a second copy per decoder layer, bf16 weights (`Bf16Linear`, run by
+oneDNN on AMX-BF16), that passes of WIDE_MIN_ROWS rows or more read (batched decode, prefill): the int4 kernel does
+not use AMX and falls behind from 8 rows on there (WIDE_MODE).
+
+Memory: the packed copy sits beside the fp32 model (and the wide copy on AMX: 212 MB for SmolLM2's decoder). torch
+2.13 flags the fbgemm fp16 ops as deprecated: a torch without them serves `auto` as `none` on a CPU without bf16
+dot products.
 """
 
 from __future__ import annotations
@@ -78,6 +83,12 @@ def bf16_cpu() -> bool:
     # private torch probes (torch.cpu); a torch without them is treated as a CPU without bf16 dot products
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+def amx_cpu() -> bool:
+    """Whether this CPU has AMX tiles (oneDNN runs int8 x int8 and bf16 GEMMs on them; the int4 kernel does not)."""
+    probe = getattr(torch.cpu, "_is_amx_tile_supported", None)
+    return bool(probe is not None and probe())
 
 
 def resolve_quant(mode: str, device: torch.device) -> str:
@@ -209,6 +220,22 @@ class Int4Linear:
         self.packed = self.packed.clone()
 
 
+class Bf16Linear:
+    """bf16 weights, bf16 inputs, fp32 output (`F.linear` through oneDNN, which runs it on AMX-BF16 where the CPU
+    has it). The wide-pass copy on AMX CPUs (WIDE_MODE)."""
+
+    mode = "bf16"
+
+    def __init__(self, linear: nn.Linear) -> None:
+        self.weight = linear.weight.detach().to(torch.bfloat16).contiguous()  # [out, in]
+        self.bias = None if linear.bias is None else linear.bias.detach().float()
+        self.nbytes = 2 * self.weight.numel()
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        y = nn.functional.linear(x.to(torch.bfloat16), self.weight).float()
+        return y if self.bias is None else y + self.bias
+
+
 class Int8DynamicLinear:
     """int8 weights (one scale per output row) times int8 activations (one scale per input row, computed per
     call): torch's `_int_mm` (an int8 x int8 -> int32 GEMM on VNNI), llama.cpp's way of running its Q8 matmuls.
@@ -233,6 +260,22 @@ class Int8DynamicLinear:
         y = torch.mul(torch._int_mm(codes, self.weight_t), self.scale).mul_(row_scale).view(*x.shape[:-1], -1)
         return y if self.bias is None else y + self.bias
 
+    def appended(self, rows: torch.Tensor) -> Int8DynamicLinear:
+        """As Int4Linear.appended: the codes ([out, in] under weight_t) become a prefix view of the new copy's."""
+        extra = Int8DynamicLinear(_as_linear(rows))
+        out = copy.copy(self)
+        codes = torch.cat([self.weight_t.t(), extra.weight_t.t()])  # [out + R, in]
+        out.weight_t = codes.t()
+        out.scale = torch.cat([self.scale, extra.scale])
+        out.bias = None if self.bias is None else torch.cat([self.bias, rows.new_zeros(rows.shape[0])])
+        out.nbytes = self.nbytes + extra.nbytes
+        self.weight_t = codes[: self.scale.shape[0]].t()
+        return out
+
+    def release(self) -> None:
+        """Own storage again after `appended`."""
+        self.weight_t = self.weight_t.t().clone().t()
+
 
 ROW_ALIGN = 16
 """`_convert_weight_to_int4pack_for_cpu` packs output rows in multiples of 16: appended rows are padded to it."""
@@ -250,12 +293,31 @@ def _int4(linear: nn.Linear) -> QuantizedLinear:
 
 
 _KERNELS: dict[str, Callable[[nn.Linear], QuantizedLinear]] = {
-    "fp16": Fp16Linear, "int8": Int8Linear, "int4": _int4, "w8a8": Int8DynamicLinear}
+    "fp16": Fp16Linear, "int8": Int8Linear, "int4": _int4, "w8a8": Int8DynamicLinear, "bf16": Bf16Linear}
 HEAD_MODE = {"int4": "w8a8"}
 """The LM head's kernel where it differs from the decoder layers': a 4-bit head raised the real answers' NLL by
 2.1% (bare) and 2.6% (with experts), int8 weights by 0.1% and 0.2%, int8 weights times int8 activations by 0.13%
 and 0.43% (docs/design-notes.md), and the last runs 3.5x faster at batch 16 (Int8DynamicLinear); llama.cpp's Q4
 files keep their output layer at higher precision too."""
+
+
+WIDE_MODE = {"int4": "bf16"}
+"""On an AMX CPU, the second copy a decoder layer keeps for wide passes (WIDE_MIN_ROWS rows or more: prefills, big
+decode batches). Measured on a 2-core AMX Xeon, SmolLM2-135M, `python -m bench.cpu_anchor --quant int4`: the int4
+kernel does not use AMX and its cost grows with the rows (a batch-16 prefill through it took 1.7x the fp32 engine's
+time); with bf16 weights for passes of 8 rows or more, batch-16 prefill ran 1.85x faster than fp32 (0.97 s against
+2.97 s through int4), answer NLL +0.22% / +0.29% (bare / with experts), while batch-16 decode
+gained nothing (222 vs 230-238 tok/s: a step streams 212 MB of bf16 instead of 95 MB of int4). int8 weights x int8
+activations as the wide copy made batch-16 decode 1.50x fp32 (vs 1.36-1.39x) but cost 1.6% NLL. So bf16, from 32
+rows, where it wins at real (cold-cache) weights. The EPYCs without AMX keep one copy."""
+WIDE_MIN_ROWS = 32
+"""Rows (tokens of a pass, all sequences together) from which a layer with a wide copy reads it: a batch-16 decode
+step stays on int4 (with the experts' A rows riding on it), a prefill of 32 tokens or more goes wide."""
+
+
+def wide_mode(mode: str) -> str | None:
+    """The wide-pass copy's kernel for a model served in `mode` on this CPU, or None (one copy)."""
+    return WIDE_MODE.get(mode) if amx_cpu() else None
 
 
 def layer_mode(mode: str, is_head: bool) -> str:

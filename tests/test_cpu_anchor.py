@@ -12,7 +12,7 @@ from bench.cpu_anchor import DOMAINS, report
 
 def _engine(adapter_bytes: int, quantized_bytes: int) -> SimpleNamespace:
     return SimpleNamespace(multi=SimpleNamespace(adapter_bytes=lambda: adapter_bytes,
-                                                 quantized_bytes=lambda: quantized_bytes))
+                                                 quantized_bytes=lambda: quantized_bytes, wide_bytes=lambda: 99))
 
 
 def test_report_ratios():
@@ -35,7 +35,7 @@ def test_report_ratios():
     assert ratios["quant_single_vs_llama_cpp"] is None
     assert ratios["bytes_per_expert_quant_vs_fp32"] == 1.0
     assert out["paired_median_ratios"]["quant_vs_fp32_single"] == 2.5  # median of 3.0 and 2.0
-    assert out["quantized_linear_bytes"] == 1234 and out["backbone_bytes_fp32"] == 16
+    assert out["quantized_linear_bytes"] == 1234 and out["backbone_bytes_fp32"] == 16 and out["wide_copy_bytes"] == 99
     assert "nll_quant_vs_fp32_bare" not in ratios
     with_llama = report(decode, prefill, {}, engines, backbone, args, llama=15.0)
     assert with_llama["ratios"]["quant_single_vs_llama_cpp"] == 2.0

@@ -8,11 +8,12 @@ import copy
 import pytest
 import torch
 
+from experts import quant as quant_module
 from experts.adapters import load_lora_weights
 from experts.multi_lora import MultiLoraModel
 from experts.multi_lora import manager as manager_module
 from experts.multi_lora.fused import FusedLowBit, SiblingSlice
-from experts.quant import bf16_cpu, fbgemm_available
+from experts.quant import WIDE_MIN_ROWS, bf16_cpu, fbgemm_available
 from tests.test_multi_lora import _random_adapter
 from tests.test_quant import TOLERANCE
 
@@ -72,10 +73,11 @@ def test_a_member_slice_is_handed_out_once():
 
 
 @ROW_MODES
-def test_lora_a_rides_on_the_low_bit_copy(backbone, adapters, mode):
+def test_lora_a_rides_on_the_low_bit_copy(backbone, adapters, monkeypatch, mode):
     """Stacked passes read h = x A^T from the low-bit copy with A's rows appended: within tolerance of the fp32 A
     path; the bare rows and an adapter-free model are untouched (the base codes are a prefix view); removing
-    every adapter drops the riding rows."""
+    every adapter drops the riding rows. (One copy per layer: a CPU without AMX.)"""
+    monkeypatch.setattr(quant_module, "amx_cpu", lambda: False)
     ids = torch.randint(0, backbone.model.config.vocab_size, (4, 6))
     untouched = _served(MultiLoraModel(copy.deepcopy(backbone.model), quant=mode), ids, [[]] * 4)
     multi = MultiLoraModel(copy.deepcopy(backbone.model), quant=mode)
@@ -103,3 +105,39 @@ def test_lora_a_rides_on_the_low_bit_copy(backbone, adapters, mode):
         codes = copy_.packed if mode == "int4" else copy_.weight
         assert codes.untyped_storage().nbytes() == codes.numel() * codes.element_size()
     torch.testing.assert_close(_served(multi, ids, [[]] * 4), untouched, rtol=0, atol=0)
+
+
+@NEEDS_BF16
+def test_wide_passes_read_a_bf16_copy_on_amx(backbone, adapters, monkeypatch):
+    """On an AMX CPU an int4 model keeps a bf16 copy per decoder layer that passes of WIDE_MIN_ROWS rows or more
+    read (oneDNN runs it on AMX, the int4 kernel does not); narrower passes read int4 exactly as before, with the A
+    rows riding; wide passes read fp32 A. Without AMX there is one copy."""
+    vocab = backbone.model.config.vocab_size
+    narrow, wide = torch.randint(0, vocab, (1, WIDE_MIN_ROWS - 1)), torch.randint(0, vocab, (4, WIDE_MIN_ROWS))
+    with torch.no_grad():
+        reference = backbone.model(input_ids=wide).logits
+    monkeypatch.setattr(quant_module, "amx_cpu", lambda: False)
+    one = MultiLoraModel(copy.deepcopy(backbone.model), quant="int4")
+    assert one.wide_bytes() == 0
+    monkeypatch.setattr(quant_module, "amx_cpu", lambda: True)
+    two = MultiLoraModel(copy.deepcopy(backbone.model), quant="int4")
+    assert two.wide_bytes() > 0
+    torch.testing.assert_close(_served(two, narrow, [[]]), _served(one, narrow, [[]]), rtol=0, atol=0)
+    served = _served(two, wide, [[]] * 4)
+    torch.testing.assert_close(served, reference, rtol=0, atol=TOLERANCE["int4"])
+    assert not torch.equal(served, _served(one, wide, [[]] * 4))  # the wide pass read the other copy
+    scored = {}
+    for label, multi in (("one", one), ("two", two)):  # scoring as decode steps read: the int4 copy at any width
+        with torch.no_grad(), multi.routing([[]] * 4, low_bit_only=True):
+            scored[label] = multi.model(input_ids=wide).logits
+    torch.testing.assert_close(scored["two"], scored["one"], rtol=0, atol=0)
+    fp32 = MultiLoraModel(copy.deepcopy(backbone.model))
+    for multi in (fp32, two):
+        for name, path in adapters.items():
+            multi.add_adapter(load_lora_weights(path, name))
+    for group in two.groups:  # A rides on the int4 copy only: wide passes read fp32 A (bytes per expert < 2%)
+        width = group.leader.in_features
+        assert group.riding.rides(torch.zeros(WIDE_MIN_ROWS - 1, width))
+        assert not group.riding.rides(torch.zeros(WIDE_MIN_ROWS, width))
+    torch.testing.assert_close(_served(two, wide, MIXTURES), _served(fp32, wide, MIXTURES), rtol=0,
+                               atol=1.5 * TOLERANCE["int4"])

@@ -16,6 +16,9 @@ quantized alike and appended as output rows, so a stacked pass gets the members'
 one packed matmul instead of two calls (the low-bit counterpart of the fp32 W_aug in layers.py). The base codes
 stay a prefix view of the extended copy: bare passes read exactly the rows they read before.
 
+On an AMX CPU a copy also holds a wide twin (experts.quant.WIDE_MODE: bf16) that passes of WIDE_MIN_ROWS rows or
+more read (prefills); A rides on the narrow copy only, and wide passes read the fp32 A stack.
+
 Measured on a 2-core Xeon with AMX (SmolLM2-135M, int4, paired decode steps of one process): q/k/v + gate/up of
 one layer 124 -> 94 us at 1 row, 564 -> 536 us at 16 rows; whole bare steps 1.06x at 1 row, about even at 16; a
 4-expert batch of 16 went from 0.815x to 0.831x the bare step (docs/design-notes.md).
@@ -28,13 +31,14 @@ from collections.abc import Sequence
 import torch
 from torch import nn
 
-from experts.quant import ROW_ALIGN, QuantizedLinear, quantize_linear
+from experts.quant import ROW_ALIGN, WIDE_MIN_ROWS, QuantizedLinear, quantize_linear
 
 
 class FusedLowBit:
     """The low-bit copy of sibling layers' weights stacked by rows; hands each member its output slice."""
 
-    def __init__(self, linears: Sequence[nn.Linear], mode: str) -> None:
+    def __init__(self, linears: Sequence[nn.Linear], mode: str, wide_mode: str | None = None) -> None:
+        """`wide_mode`: a second copy that passes of WIDE_MIN_ROWS rows or more read (experts.quant.WIDE_MODE)."""
         widths = {linear.in_features for linear in linears}
         if len(widths) != 1:
             raise ValueError(f"fused siblings must read one input width, got {sorted(widths)}")
@@ -47,8 +51,9 @@ class FusedLowBit:
             if stacked.bias is not None:
                 stacked.bias.copy_(torch.cat([linear.bias.detach().float() for linear in linears]))
         self.packed: QuantizedLinear = quantize_linear(stacked, mode)
+        self.wide: QuantizedLinear | None = None if wide_mode is None else quantize_linear(stacked, wide_mode)
         self.mode = mode
-        self.nbytes = self.packed.nbytes
+        self.nbytes = self.packed.nbytes  # what a narrow pass reads; the wide copy adds wide.nbytes stored
         self.sizes = [linear.out_features for linear in linears]
         self.riding: QuantizedLinear | None = None  # packed with the group's LoRA A rows appended (attach)
         self.rows = 0  # A rows riding (R), before padding to ROW_ALIGN
@@ -86,6 +91,14 @@ class FusedLowBit:
         """Bytes the appended A rows add (what an adapter costs in the low-bit copy)."""
         return 0 if self.riding is None else self.riding.nbytes - self.packed.nbytes
 
+    def rides(self, x: torch.Tensor, narrow: bool = False) -> bool:
+        """Whether a stacked pass over x takes h from the riding copy (wide passes read the wide copy and fp32 A:
+        rows riding there too would put an expert over 2% of the backbone's bytes). `narrow`: as output's."""
+        return self.riding is not None and not self._wide(x, narrow)
+
+    def _wide(self, x: torch.Tensor, narrow: bool = False) -> bool:
+        return not narrow and self.wide is not None and x.numel() >= WIDE_MIN_ROWS * x.shape[-1]
+
     def forget(self) -> None:
         self._input, self._pending = None, []
 
@@ -96,12 +109,14 @@ class FusedLowBit:
         self._input, self._input_version = x, x._version
         return h
 
-    def output(self, x: torch.Tensor, index: int) -> torch.Tensor:
-        """Member `index`'s part of W_fused x ([..., out_index], a strided view of the fused [..., sum out])."""
+    def output(self, x: torch.Tensor, index: int, narrow: bool = False) -> torch.Tensor:
+        """Member `index`'s part of W_fused x ([..., out_index], a strided view of the fused [..., sum out]).
+        `narrow`: read the narrow copy at any width (scoring text as decode steps read the weights)."""
         fresh = (self._input is x and self._input_version == x._version and len(self._pending) > index
                  and self._pending[index] is not None)
         if not fresh:
-            self._pending = list(self.packed(x).split(self.sizes, dim=-1))
+            packed = self.wide if self._wide(x, narrow) else self.packed
+            self._pending = list(packed(x).split(self.sizes, dim=-1))
             self._input, self._input_version = x, x._version
         part, self._pending[index] = self._pending[index], None
         if not any(p is not None for p in self._pending):  # every member took its slice: drop the input reference
@@ -118,5 +133,5 @@ class SiblingSlice:
         self.mode = fused.mode
         self.nbytes = fused.nbytes * fused.sizes[index] // sum(fused.sizes)  # this member's share of the rows
 
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.fused.output(x, self.index)
+    def __call__(self, x: torch.Tensor, narrow: bool = False) -> torch.Tensor:
+        return self.fused.output(x, self.index, narrow)

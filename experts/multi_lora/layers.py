@@ -9,11 +9,11 @@ from typing import TYPE_CHECKING
 import torch
 from torch import nn
 
+from experts.multi_lora.fused import FusedLowBit, SiblingSlice
 from experts.multi_lora.metadata import GateState, LoraKernel
 from experts.quant import packed_wins
 
 if TYPE_CHECKING:
-    from experts.multi_lora.fused import FusedLowBit
     from experts.quant import QuantizedLinear
 
 
@@ -129,6 +129,8 @@ class MultiLoraLinear(nn.Module):
         """W x + b: from the low-bit copy where this pass reads it (_low_bit), else F.linear on the wrapped weights
         (not self.base(x): one module call less per layer and step)."""
         if self._low_bit(x):
+            if self.state.low_bit_only and isinstance(self.quant, SiblingSlice):
+                return self.quant(x, narrow=True)  # scored as decode steps read it: the narrow copy at any width
             return self.quant(x)
         return nn.functional.linear(x, self.base.weight, self.base.bias)
 
@@ -156,9 +158,11 @@ class MultiLoraLinear(nn.Module):
                     y = y + self.base.bias
                 y.addmm_(group.remember(x, h)[0], self.flat_bt)
                 return y.view(*x.shape[:-1], -1)
-            if kernel is LoraKernel.STACKED and group.riding is not None and self._low_bit(x):
+            riding = group.riding
+            if (kernel is LoraKernel.STACKED and riding is not None and self._low_bit(x)
+                    and riding.rides(x, narrow=self.state.low_bit_only)):
                 # the low-bit W_aug: the members' base outputs (kept for _base) and h from one packed matmul
-                h = group.riding.output_riding(x)  # [..., G*S*r]
+                h = riding.output_riding(x)  # [..., G*S*r]
                 parts = group.remember(x, h.reshape(-1, h.shape[-1]))
             else:
                 # a wide pass over the fp32 base by a sibling that runs first, a compact pass, or a low-bit copy

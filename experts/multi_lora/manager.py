@@ -14,7 +14,7 @@ from torch import nn
 from experts.multi_lora.fused import FusedLowBit, SiblingSlice
 from experts.multi_lora.layers import InputGroup, MultiLoraLinear
 from experts.multi_lora.metadata import GateState, LoraKernel, Mixture, SlotMixture, choose_kernel
-from experts.quant import APPENDABLE_MODES, layer_mode, quantize_linear
+from experts.quant import APPENDABLE_MODES, layer_mode, quantize_linear, wide_mode
 
 if TYPE_CHECKING:  # annotations only: importable without pydantic-settings (bench.gpu_check on a bare GPU box)
     from experts.adapters import LoraWeights
@@ -100,7 +100,8 @@ class MultiLoraModel:
             modes = {self._layer_mode(layer.base) for layer in members}
             fusable = len(members) > 1 and len(modes) == 1 and len({layer.base.bias is None for layer in members}) == 1
             if fusable or (len(members) == 1 and modes <= set(APPENDABLE_MODES)):  # a lone layer for A to ride on
-                fused = FusedLowBit([layer.base for layer in members], modes.pop())
+                mode = modes.pop()
+                fused = FusedLowBit([layer.base for layer in members], mode, wide_mode(mode))
                 for layer, part in zip(members, fused.members(), strict=True):
                     layer.quant = part
         for layer in layers:
@@ -118,8 +119,14 @@ class MultiLoraModel:
         for layer in self.layers.values():
             if layer.quant is not None:
                 owner = getattr(layer.quant, "fused", layer.quant)
-                copies[id(owner)] = owner.nbytes
+                copies[id(owner)] = owner.nbytes  # a narrow pass's read (a wide copy on AMX: wide_bytes)
         return sum(copies.values())
+
+    def wide_bytes(self) -> int:
+        """Bytes of the second copies wide passes read on an AMX CPU (experts.quant.WIDE_MODE; 0 elsewhere)."""
+        slices = [layer.quant for layer in self.layers.values() if isinstance(layer.quant, SiblingSlice)]
+        fused = {id(part.fused): part.fused for part in slices}
+        return sum(f.wide.nbytes for f in fused.values() if f.wide is not None)
 
     def add_adapter(self, weights: LoraWeights) -> int:
         """Load (or replace) an adapter; returns its slot. Rebuilds the stacks of every layer (~ms)."""

@@ -14,12 +14,22 @@ from sqlalchemy.orm import Session, sessionmaker
 
 from core.errors import DatabaseUnavailableError, RouterNotTrainedError
 from core.settings import Settings
-from experts.quant import fbgemm_available, resolve_quant
+from experts.quant import amx_cpu, fbgemm_available, resolve_quant
 from registry import repository as repo
 from router.features import FeatureSpec, RouterFeatures
 from router.gate import Router, RoutingDecision
 
 logger = logging.getLogger(__name__)
+
+
+def router_copy_kernel() -> str | None:
+    """The kernel of the ingress's own router copy for one prompt's pass, whatever the engine serves: the gate was
+    fitted on fp32 features. bf16 through oneDNN on an AMX CPU (0.74x fp16's time for the layer-10 feature pass
+    there; fbgemm's fp16 was slower than fp32 on that CPU), else fbgemm's fp16 (the same top-1 on every dev query;
+    an int8 copy routed the same and no faster: docs/design-notes.md); None without either (fp32)."""
+    if amx_cpu():
+        return "bf16"
+    return "fp16" if fbgemm_available() else None
 
 
 class RoutingService:
@@ -53,11 +63,10 @@ class RoutingService:
                 encoder.truncate()
                 self._truncated_to = deepest
                 mode = resolve_quant(self.settings.backbone_quant, encoder.device)
-                if mode != "none" and fbgemm_available():
-                    # fp16 whatever the engine serves: the gate was fitted on fp32 features and fp16 ones give
-                    # the same top-1 on every dev query; an int8 copy routed the same and no faster (design notes)
-                    packed = encoder.pack("fp16")
-                    logger.info("Router backbone layers 1-%d served fp16 (%.0f MB)", deepest, packed / 2**20)
+                kernel = router_copy_kernel()
+                if mode != "none" and kernel is not None:
+                    packed = encoder.pack(kernel)
+                    logger.info("Router backbone layers 1-%d served %s (%.0f MB)", deepest, kernel, packed / 2**20)
         if spec.sentence_encoder:
             self._features.sentence_encoder(spec.sentence_encoder)
 

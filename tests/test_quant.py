@@ -126,20 +126,22 @@ def test_wide_passes_read_the_fp32_weights(backbone):
     assert not torch.equal(forced, reference)
 
 
-def test_router_copy_reads_fp16_for_one_prompt_and_fp32_for_a_batch(backbone):
-    """The ingress's own truncated router copy (RoutingService(own_backbone=True)) packs its kept layers: one
-    prompt's features are within tolerance of fp32, a batch wide enough for fp32 sgemm is exact."""
+@pytest.mark.parametrize(("kernel", "tolerance"), [("fp16", 1e-3), ("bf16", 2e-2)])
+def test_router_copy_reads_low_bit_for_one_prompt_and_fp32_for_a_batch(backbone, kernel, tolerance):
+    """The ingress's own truncated router copy (RoutingService(own_backbone=True)) packs its kept layers (fp16, or
+    bf16 on an AMX CPU: router_copy_kernel): one prompt's features are within tolerance of fp32, a batch wide enough
+    for fp32 sgemm is exact."""
     texts = ["my order never arrived", "headache and fever since yesterday"] * 12
     reference = FeatureEncoder(copy.deepcopy(backbone.model), backbone.tokenizer, [1, 2]).encode(texts)
     encoder = FeatureEncoder(backbone.model, backbone.tokenizer, [1, 2])
     with pytest.raises(ValueError, match="truncate"):
-        encoder.pack("fp16")
+        encoder.pack(kernel)
     encoder.truncate()
-    assert encoder.pack("fp16") > 0
+    assert encoder.pack(kernel) > 0
     packed = [m for m in backbone.model.modules() if isinstance(m, PackedLinear)]
     assert len(packed) == 7 * len(backbone.model.model.layers)  # q, k, v, o, gate, up, down of each kept layer
     one = encoder.encode(texts[:1], batch_size=1)
-    torch.testing.assert_close(one, reference[:1], rtol=0, atol=1e-3)
+    torch.testing.assert_close(one, reference[:1], rtol=0, atol=tolerance)
     assert not torch.equal(one, reference[:1])
     torch.testing.assert_close(encoder.encode(texts, batch_size=24), reference, rtol=0, atol=0)  # 24 x >=4 rows
     with pytest.raises(ValueError, match="trained on the full-precision backbone"):
@@ -314,3 +316,15 @@ def test_int8_dynamic_linear_matches_fp32_and_weight_only_int8(rows):
     assert dynamic_error < 3 * weight_only_error  # measured 1.8-2.2x
     assert not torch.equal(dynamic, reference)
 
+
+
+def test_router_copy_kernel_follows_the_cpu(monkeypatch):
+    """bf16 through oneDNN on an AMX CPU (fbgemm's fp16 ran slower than fp32 there), else fbgemm's fp16."""
+    from router import service
+
+    monkeypatch.setattr(service, "amx_cpu", lambda: True)
+    assert service.router_copy_kernel() == "bf16"
+    monkeypatch.setattr(service, "amx_cpu", lambda: False)
+    assert service.router_copy_kernel() == "fp16"
+    monkeypatch.setattr(service, "fbgemm_available", lambda: False)
+    assert service.router_copy_kernel() is None

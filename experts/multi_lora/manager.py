@@ -124,9 +124,12 @@ class MultiLoraModel:
 
     def wide_bytes(self) -> int:
         """Bytes of the second copies wide passes read on an AMX CPU (experts.quant.WIDE_MODE; 0 elsewhere)."""
+        return sum(fused.wide.nbytes for fused in self._fused_copies() if fused.wide is not None)
+
+    def _fused_copies(self) -> list[FusedLowBit]:
+        """Each shared low-bit copy once (its members all point at it)."""
         slices = [layer.quant for layer in self.layers.values() if isinstance(layer.quant, SiblingSlice)]
-        fused = {id(part.fused): part.fused for part in slices}
-        return sum(f.wide.nbytes for f in fused.values() if f.wide is not None)
+        return list({id(part.fused): part.fused for part in slices}.values())
 
     def add_adapter(self, weights: LoraWeights) -> int:
         """Load (or replace) an adapter; returns its slot. Rebuilds the stacks of every layer (~ms)."""
@@ -177,9 +180,8 @@ class MultiLoraModel:
         targeted = {path for w in live for path in w.modules}
         self.groups = []
         self.clear()
-        for layer in self.layers.values():
-            if isinstance(layer.quant, SiblingSlice):
-                layer.quant.fused.attach(None)  # the A rows riding on low-bit copies are restacked below
+        for fused in self._fused_copies():
+            fused.attach(None)  # the A rows riding on low-bit copies are restacked below
         for path, layer in self.layers.items():
             if path not in targeted:
                 InputGroup([layer], self.state).set_stack(None)  # releases A rows a W_aug may still hold

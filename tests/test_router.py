@@ -183,8 +183,10 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     ok, reasons = compare(metrics(0.89, a=0.95, b=0.90, base=0.90), active, [])
     assert not ok and "accuracy 0.890 < active 0.900 (at most 0.005 lower)" in reasons
     assert compare(metrics(0.896, a=0.95, b=0.90, base=0.90), active, [])[0]  # within the noise of the split
+    ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.40, base=0.90), active, ["c"])
+    assert not ok and reasons == ["new label c recall 0.400 < 0.5"]  # most of its prompts go elsewhere
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
-    assert not ok and reasons == ["new label c recall 0.850 < 0.9"]
+    assert ok and reasons[0] == "new label c recall 0.850; more routing prompts for it (--prompts FILE) would raise it"
     assert compare(metrics(0.5, a=0.1), None, []) == (True, ["no active router"])
 
 
@@ -205,6 +207,12 @@ def test_a_bordering_expert_may_take_part_of_an_old_domain():
     split = metrics({"a": [6, 0, 4, 0], "b": [0, 9, 0, 1], "c": [0, 0, 10, 0], "base": [0, 1, 0, 9]})
     ok, reasons = compare(split, active, ["c"])
     assert ok and "a: 4 of 10 validation prompts now go to c" in reasons
+    weak = metrics({"a": [10, 0, 0, 0], "b": [0, 9, 0, 1], "c": [3, 1, 6, 0], "base": [0, 1, 0, 9]})
+    ok, reasons = compare(weak, active, ["c"])  # a bordering label that takes most, not all, of its prompts
+    assert ok and reasons[0] == ("new label c recall 0.600 (others went to a 3, b 1); more routing prompts for it "
+                                 "(--prompts FILE) would raise it")
+    lost = metrics({"a": [10, 0, 0, 0], "b": [0, 9, 0, 1], "c": [6, 0, 4, 0], "base": [0, 1, 0, 9]})
+    assert compare(lost, active, ["c"]) == (False, ["new label c recall 0.400 < 0.5 (others went to a 6)"])
     drift = metrics({"a": [5, 1, 4, 0], "b": [0, 9, 0, 1], "c": [0, 0, 10, 0], "base": [0, 1, 0, 9]})
     ok, reasons = compare(drift, active, ["c"])
     assert not ok and "a recall 0.833 dropped from 0.950" in reasons

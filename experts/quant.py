@@ -9,14 +9,16 @@ run as their own small matmuls beside the quantized base (as QLoRA serves them);
 copies in stacked passes (experts.multi_lora.fused: one packed matmul yields W x and A x; NLL +0.02%).
 
 Kernels, chosen per CPU by measurement (`resolve_quant`, docs/design-notes.md):
-- `int4` (`auto` on a CPU with bf16 dot products: AVX512-BF16 or AMX): 4-bit weights in groups of 32 with a scale
+- `int4` (`auto` on an AVX512 CPU; with bf16 dot products, AVX512-BF16 or AMX, at every width, without them for
+  passes of up to NARROW_MAX_ROWS rows): 4-bit weights in groups of 32 with a scale
   and an offset each (llama.cpp's Q4_1 layout), bf16 inputs, torch's `_weight_int4pack_mm_for_cpu`; the LM head in
   int8 weights times per-row int8 activations (HEAD_MODE, `_int_mm`). 95 MB per step for SmolLM2; real answers'
   NLL +0.1% bare, +0.4% with experts.
 - `int8`: int8 weights with one scale per output row, bf16 inputs, `_weight_int8pack_mm` (135 MB; NLL +0.2%/+0.4%).
-- `fp16` (`auto` on other x86 CPUs): fbgemm's fp16-weight GEMM, fp32 inputs and accumulation (269 MB; NLL
-  unchanged to 4 digits). On AVX2 without bf16 hardware the int8/int4 kernels ran slower than fp32 at batch 16, so
-  they are refused there; fbgemm's own int8 linear (one 7-bit input scale per tensor) raised the NLL by half.
+- `fp16` (`auto` on AVX2 CPUs): fbgemm's fp16-weight GEMM, fp32 inputs and accumulation (269 MB; NLL
+  unchanged to 4 digits). On AVX2 the int8/int4 kernels ran slower than fp32 at batch 16, so they are refused
+  there; fbgemm's own int8 linear (one 7-bit input scale per tensor) raised the NLL by half. On an AVX512 CPU
+  without bf16 dot products (an Ice Lake Xeon) fbgemm's fp16 ran 0.84x fp32 at one row and int4 1.71x.
 
 On a CPU with AMX tiles an int4 model keeps a second copy per decoder layer, bf16 weights (`Bf16Linear`, run by
 oneDNN on AMX-BF16), that passes of WIDE_MIN_ROWS rows or more read (batched decode, prefill): the int4 kernel does
@@ -30,6 +32,7 @@ dot products.
 from __future__ import annotations
 
 import copy
+import functools
 import warnings
 from collections.abc import Callable
 from typing import Protocol
@@ -40,13 +43,14 @@ from torch import nn
 QUANT_MODES = ("auto", "none", "fp16", "int8", "int4")
 """What MOE_BACKBONE_QUANT accepts."""
 BF16_CPU_DEFAULT = "int4"
-"""What `auto` means on a CPU with bf16 dot products (AVX512-BF16 or AMX): see resolve_quant."""
+"""What `auto` means on an AVX512 CPU, with or without bf16 dot products: see resolve_quant."""
 CPU_DEFAULT = "fp16"
-"""What `auto` means on other x86 CPUs with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
+"""What `auto` means on other x86 CPUs (AVX2) with fbgemm; the GPU keeps its bf16 backbone (`none`)."""
 APPENDABLE_MODES = ("int8", "int4")
 """Modes whose packed copies can take appended output rows (experts.multi_lora.fused: LoRA A rows ride on them)."""
 BF16_MODES = ("int8", "int4")
-"""Modes whose kernels take bf16 inputs: measured slower than fp32 at batch 16 without bf16 hardware."""
+"""Modes whose kernels take bf16 inputs: measured slower than fp32 at batch 16 on AVX2, and from about 32 rows on an
+AVX512 CPU without bf16 dot products (NARROW_MAX_ROWS)."""
 
 
 PACKED_MAX_ROWS = 40
@@ -58,9 +62,18 @@ stay anyway. The bf16-input modes (int8, int4; CPUs with bf16 dot products only)
 (int4 6.2x at 1 row, 1.7x at 448 on a 2-core AVX512-BF16 EPYC) and have no limit."""
 
 
+NARROW_MAX_ROWS = 32
+"""Rows up to which an int8/int4 pass reads the packed copy on an AVX512 CPU without bf16 dot products (an Ice Lake
+Xeon); wider passes (prefills) read the fp32 weights, which stay anyway. Measured there on SmolLM2-135M's decode
+steps, each mode on its own model copy, steps interleaved (docs/design-notes.md): int4 against fp32 1.71x at 1 row,
+1.91x at 4, 1.72x at 8, 1.20x at 16, 1.08x at 32; a 16-prompt prefill through int4 took 1.74x the fp32 time."""
+
+
 def packed_wins(x: torch.Tensor, mode: str = "fp16") -> bool:
-    """Whether a pass with input x [..., in] should read a `mode` copy (see PACKED_MAX_ROWS)."""
-    return mode in BF16_MODES or x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
+    """Whether a pass with input x [..., in] should read a `mode` copy (PACKED_MAX_ROWS, NARROW_MAX_ROWS)."""
+    if mode in BF16_MODES:
+        return bf16_cpu() or x.numel() <= NARROW_MAX_ROWS * x.shape[-1]
+    return x.numel() <= PACKED_MAX_ROWS * x.shape[-1]
 
 
 class QuantizedLinear(Protocol):
@@ -78,11 +91,25 @@ def fbgemm_available() -> bool:
         torch, "fbgemm_linear_fp16_weight_fp32_activation")
 
 
+@functools.cache
 def bf16_cpu() -> bool:
-    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX), which the int8/int4 kernels need to be fast."""
+    """Whether this CPU has bf16 dot products (AVX512-BF16 or AMX): the int8/int4 kernels then beat fp32 at every
+    width. Cached: every served layer asks (packed_wins)."""
     # private torch probes (torch.cpu); a torch without them is treated as a CPU without bf16 dot products
     probes = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
     return any(probe() for probe in probes if probe is not None)
+
+
+@functools.cache
+def avx512_cpu() -> bool:
+    """Whether torch's CPU kernels run AVX512 code here (Skylake-SP and later Xeons, Zen 4): the int8/int4 kernels
+    beat fp32 on narrow passes even without bf16 dot products; on AVX2 they did not."""
+    return torch.backends.cpu.get_cpu_capability() == "AVX512"
+
+
+def low_bit_cpu() -> bool:
+    """Whether this CPU runs the int8/int4 kernels fast enough to serve them (AVX512, or bf16 dot products)."""
+    return bf16_cpu() or avx512_cpu()
 
 
 def amx_cpu() -> bool:
@@ -92,15 +119,15 @@ def amx_cpu() -> bool:
 
 
 def resolve_quant(mode: str, device: torch.device) -> str:
-    """The mode a model on `device` is served with. `auto`: int4 on a CPU with bf16 dot products, fp16 on another
-    x86 CPU (fbgemm), none on CUDA; chosen by measurement (docs/design-notes.md). A mode the device cannot run
-    fast is refused by name."""
+    """The mode a model on `device` is served with. `auto`: int4 on an AVX512 CPU (with or without bf16 dot
+    products), fp16 on another x86 CPU (fbgemm), none on CUDA; chosen by measurement (docs/design-notes.md). A mode
+    the device cannot run fast is refused by name."""
     if mode not in QUANT_MODES:
         raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} is not supported; use one of {', '.join(QUANT_MODES)}")
     if mode == "auto":
         if device.type != "cpu":
             return "none"
-        if bf16_cpu():
+        if low_bit_cpu():
             return BF16_CPU_DEFAULT
         return CPU_DEFAULT if fbgemm_available() else "none"
     if mode != "none" and device.type != "cpu":
@@ -108,9 +135,9 @@ def resolve_quant(mode: str, device: torch.device) -> str:
                          "'none' (the GPU serves bf16)")
     if mode == "fp16" and not fbgemm_available():
         raise ValueError("MOE_BACKBONE_QUANT='fp16' needs fbgemm (x86 builds of torch); use 'auto' or 'none'")
-    if mode in BF16_MODES and not bf16_cpu():
-        raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} needs a CPU with AVX512-BF16 or AMX: without them its kernel "
-                         "ran 0.8x fp32 at batch 16 (docs/design-notes.md); use 'auto' or 'fp16'")
+    if mode in BF16_MODES and not low_bit_cpu():
+        raise ValueError(f"MOE_BACKBONE_QUANT={mode!r} needs a CPU with AVX512 (AVX512-BF16 or AMX serve it best): on "
+                         "AVX2 its kernel ran 0.8x fp32 at batch 16 (docs/design-notes.md); use 'auto' or 'fp16'")
     return mode
 
 

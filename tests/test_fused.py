@@ -13,16 +13,16 @@ from experts.adapters import load_lora_weights
 from experts.multi_lora import MultiLoraModel
 from experts.multi_lora import manager as manager_module
 from experts.multi_lora.fused import FusedLowBit, SiblingSlice
-from experts.quant import WIDE_MIN_ROWS, bf16_cpu, fbgemm_available
+from experts.quant import WIDE_MIN_ROWS, fbgemm_available, low_bit_cpu
 from tests.test_multi_lora import _random_adapter
 from tests.test_quant import TOLERANCE
 
 pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 CPU kernels) not in this torch build")
-NEEDS_BF16 = pytest.mark.skipif(not bf16_cpu(), reason="int8/int4 kernels need a CPU with AVX512-BF16 or AMX")
-MODES = pytest.mark.parametrize("mode", ["fp16", pytest.param("int8", marks=NEEDS_BF16),
-                                         pytest.param("int4", marks=NEEDS_BF16)])
-ROW_MODES = pytest.mark.parametrize("mode", [pytest.param("int8", marks=NEEDS_BF16),
-                                             pytest.param("int4", marks=NEEDS_BF16)])
+NEEDS_LOW_BIT = pytest.mark.skipif(not low_bit_cpu(), reason="int8/int4 kernels are served on AVX512 CPUs only")
+MODES = pytest.mark.parametrize("mode", ["fp16", pytest.param("int8", marks=NEEDS_LOW_BIT),
+                                         pytest.param("int4", marks=NEEDS_LOW_BIT)])
+ROW_MODES = pytest.mark.parametrize("mode", [pytest.param("int8", marks=NEEDS_LOW_BIT),
+                                             pytest.param("int4", marks=NEEDS_LOW_BIT)])
 MIXTURES = [[("a", 1.0)], [("b", 0.7), ("c", 0.3)], [], [("c", 1.0)]]
 
 
@@ -107,7 +107,7 @@ def test_lora_a_rides_on_the_low_bit_copy(backbone, adapters, monkeypatch, mode)
     torch.testing.assert_close(_served(multi, ids, [[]] * 4), untouched, rtol=0, atol=0)
 
 
-@NEEDS_BF16
+@NEEDS_LOW_BIT
 def test_wide_passes_read_a_bf16_copy_on_amx(backbone, adapters, monkeypatch):
     """On an AMX CPU an int4 model keeps a bf16 copy per decoder layer that passes of WIDE_MIN_ROWS rows or more
     read (oneDNN runs it on AMX, the int4 kernel does not); narrower passes read int4 exactly as before, with the A
@@ -120,6 +120,7 @@ def test_wide_passes_read_a_bf16_copy_on_amx(backbone, adapters, monkeypatch):
     one = MultiLoraModel(copy.deepcopy(backbone.model), quant="int4")
     assert one.wide_bytes() == 0
     monkeypatch.setattr(quant_module, "amx_cpu", lambda: True)
+    monkeypatch.setattr(quant_module, "bf16_cpu", lambda: True)  # AMX CPUs have bf16 dot products
     two = MultiLoraModel(copy.deepcopy(backbone.model), quant="int4")
     assert two.wide_bytes() > 0
     torch.testing.assert_close(_served(two, narrow, [[]]), _served(one, narrow, [[]]), rtol=0, atol=0)

@@ -187,3 +187,32 @@ def test_register_fifth_domain_under_steady_traffic(live):
     answer = httpx.post(live["url"] + "/v1/chat/completions", timeout=120, json={
         "model": "auto", "max_tokens": 8, "messages": [{"role": "user", "content": domain_text}]}).json()
     assert answer["moe"]["experts"][0]["name"] == "agronomy"
+
+
+def test_register_a_bordering_domain(live):
+    """A domain that borders the defaults (an HR desk: pay, leave and benefits questions sit next to finance and
+    employment law) is promoted and reaches most of its unseen prompts; the verdict says where the rest go. Under
+    the old 90% new-label rule it was rejected and no request reached it (docs/design-notes.md)."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json={
+        "name": "hr", "description": "Employees' questions to HR: pay, leave, benefits, payslips, the HR portal",
+        "epochs": 1, "data_path": str(DATA / "hr.jsonl")})
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + 900
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{live['url']}/admin/jobs/{job_id}", headers=auth, timeout=30).json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(2)
+    assert job["status"] == "succeeded", job
+    reasons = job["result"]["router_reasons"]
+    assert job["result"]["router_promoted"], reasons
+    assert not any("recall" in r and "dropped" in r for r in reasons), reasons
+    time.sleep(4)  # router refresh polls every 2 s
+    unseen = [json.loads(line)["text"] for line in (DATA / "hr_unseen.jsonl").read_text().splitlines()]
+    routed = [httpx.post(live["url"] + "/v1/route", json={"text": t}, timeout=30).json()["experts"][0]["name"]
+              for t in unseen]
+    assert routed.count("hr") / len(routed) >= 0.5, routed  # 0.63-0.73 measured; 80% is the issue's open target

@@ -24,11 +24,12 @@ from experts.engine import GenerationEngine, GenerationRequest, SamplingParams
 from experts.multi_lora import MultiLoraModel
 from experts.quant import (
     APPENDABLE_MODES,
+    NARROW_MAX_ROWS,
     PACKED_MAX_ROWS,
     Int8DynamicLinear,
     Int8Linear,
     PackedLinear,
-    bf16_cpu,
+    low_bit_cpu,
     fbgemm_available,
     refuse_quantized,
     resolve_quant,
@@ -42,9 +43,9 @@ pytestmark = pytest.mark.skipif(not fbgemm_available(), reason="fbgemm (x86 CPU 
 TOLERANCE = {"fp16": 1e-3, "int8": 0.02, "int4": 0.2}
 MIN_COMPARED = {"fp16": 12, "int8": 12, "int4": 12}
 """Greedy steps compared before the first near-tie (of 24), at least."""
-NEEDS_BF16 = pytest.mark.skipif(not bf16_cpu(), reason="int8/int4 kernels need a CPU with AVX512-BF16 or AMX")
-MODES = pytest.mark.parametrize("mode", ["fp16", pytest.param("int8", marks=NEEDS_BF16),
-                                         pytest.param("int4", marks=NEEDS_BF16)])
+NEEDS_LOW_BIT = pytest.mark.skipif(not low_bit_cpu(), reason="int8/int4 kernels are served on AVX512 CPUs only")
+MODES = pytest.mark.parametrize("mode", ["fp16", pytest.param("int8", marks=NEEDS_LOW_BIT),
+                                         pytest.param("int4", marks=NEEDS_LOW_BIT)])
 
 
 @pytest.fixture
@@ -74,18 +75,48 @@ def test_setting_refuses_what_it_cannot_run(tmp_path, monkeypatch):
         resolve_quant("q4", torch.device("cpu"))
 
 
-def test_auto_picks_by_cpu_and_bf16_modes_need_bf16_hardware(monkeypatch):
-    """`auto` is int4 where the CPU has bf16 dot products, fp16 elsewhere; int8/int4 asked for on a CPU without
-    them are refused by name (their kernels ran slower than fp32 at batch 16 there)."""
-    monkeypatch.setattr(quant_module, "bf16_cpu", lambda: True)
-    assert resolve_quant("auto", torch.device("cpu")) == "int4"
-    assert resolve_quant("int8", torch.device("cpu")) == "int8"
+def test_auto_picks_by_cpu_and_bf16_modes_need_avx512(monkeypatch):
+    """`auto` is int4 on an AVX512 CPU, with bf16 dot products or without, fp16 elsewhere (AVX2); int8/int4 asked
+    for on an AVX2 CPU are refused by name (their kernels ran slower than fp32 at batch 16 there)."""
+    for bf16, avx512 in ((True, False), (False, True)):
+        monkeypatch.setattr(quant_module, "bf16_cpu", lambda bf16=bf16: bf16)
+        monkeypatch.setattr(quant_module, "avx512_cpu", lambda avx512=avx512: avx512)
+        assert resolve_quant("auto", torch.device("cpu")) == "int4"
+        assert resolve_quant("int8", torch.device("cpu")) == "int8"
     monkeypatch.setattr(quant_module, "bf16_cpu", lambda: False)
+    monkeypatch.setattr(quant_module, "avx512_cpu", lambda: False)
     assert resolve_quant("auto", torch.device("cpu")) == "fp16"
     assert resolve_quant("fp16", torch.device("cpu")) == "fp16"
     for mode in ("int8", "int4"):
-        with pytest.raises(ValueError, match=f"MOE_BACKBONE_QUANT='{mode}' needs a CPU with AVX512-BF16"):
+        with pytest.raises(ValueError, match=f"MOE_BACKBONE_QUANT='{mode}' needs a CPU with AVX512"):
             resolve_quant(mode, torch.device("cpu"))
+
+
+@NEEDS_LOW_BIT
+def test_without_bf16_dot_products_wide_int4_passes_read_the_fp32_weights(backbone, monkeypatch):
+    """On an AVX512 CPU without bf16 dot products the int4 kernel beats fp32 on decode-wide passes only
+    (NARROW_MAX_ROWS): a prefill reads the fp32 weights, bit-identical to the plain model; a decode step reads
+    int4; scoring with low_bit_only reads int4 at every width, as decode steps do."""
+    monkeypatch.setattr(quant_module, "bf16_cpu", lambda: False)
+    # 42 rows: wider than NARROW_MAX_ROWS and than the w8a8 LM head's PACKED_MAX_ROWS
+    ids = torch.randint(0, backbone.model.config.vocab_size, (3, max(NARROW_MAX_ROWS, PACKED_MAX_ROWS) // 3 + 1))
+    with torch.no_grad():
+        reference = backbone.model(input_ids=ids).logits
+    multi = MultiLoraModel(backbone.model, quant="int4")
+    with torch.no_grad():
+        with multi.routing([[], [], []]):
+            wide = backbone.model(input_ids=ids).logits
+        with multi.routing([[], [], []]):
+            narrow = backbone.model(input_ids=ids[:, :4]).logits
+        with multi.routing([[], [], []], low_bit_only=True):
+            forced = backbone.model(input_ids=ids).logits
+    torch.testing.assert_close(wide, reference, rtol=0, atol=0)
+    for served, expected in ((narrow, reference[:, :4]), (forced, reference)):
+        torch.testing.assert_close(served, expected, rtol=0, atol=TOLERANCE["int4"])
+        assert not torch.equal(served, expected)
+    monkeypatch.setattr(quant_module, "bf16_cpu", lambda: True)  # with them: the copy at every width
+    with torch.no_grad(), multi.routing([[], [], []]):
+        assert not torch.equal(backbone.model(input_ids=ids).logits, reference)
 
 
 @MODES
@@ -269,7 +300,7 @@ def test_engine_greedy_tokens_agree_where_margins_allow(backbone, settings, adap
     assert compared >= MIN_COMPARED[mode]
 
 
-@NEEDS_BF16
+@NEEDS_LOW_BIT
 def test_int4_keeps_the_lm_head_at_int8(backbone):
     """int4 serves the decoder's linear layers in 4 bits and the LM head in int8 weights x int8 activations
     (experts.quant.HEAD_MODE)."""
@@ -281,10 +312,11 @@ def test_int4_keeps_the_lm_head_at_int8(backbone):
     assert again.layers["lm_head"].quant is multi.layers["lm_head"].quant
 
 
-@NEEDS_BF16
-def test_bf16_modes_read_the_low_bit_copy_at_every_width(backbone):
+@NEEDS_LOW_BIT
+def test_bf16_modes_read_the_low_bit_copy_at_every_width(backbone, monkeypatch):
     """int8/int4 beat fp32 at every width measured on CPUs with bf16 dot products: a prefill wider than
     PACKED_MAX_ROWS reads the copy too (within tolerance of fp32, not equal to it)."""
+    monkeypatch.setattr(quant_module, "bf16_cpu", lambda: True)
     ids = torch.randint(0, backbone.model.config.vocab_size, (3, PACKED_MAX_ROWS))
     with torch.no_grad():
         reference = backbone.model(input_ids=ids).logits
@@ -295,7 +327,7 @@ def test_bf16_modes_read_the_low_bit_copy_at_every_width(backbone):
     assert not torch.equal(wide, reference)
 
 
-@NEEDS_BF16
+@NEEDS_LOW_BIT
 @pytest.mark.parametrize("rows", [1, 5, 16, 33])
 def test_int8_dynamic_linear_matches_fp32_and_weight_only_int8(rows):
     """The int4 mode's LM head (int8 weights x per-row int8 activations, torch._int_mm) at any width: within 2% of

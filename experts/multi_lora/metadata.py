@@ -48,8 +48,9 @@ class GateState:
     """Whether this pass reads the layers' low-bit copies (a served pass on a quantized backbone)."""
     low_bit_only: bool = False
     """Passes of any width read the low-bit copies (scoring text as decode steps see the weights); otherwise a
-    pass wider than experts.quant.PACKED_MAX_ROWS (a prefill) reads the fp32 weights, and on an AMX CPU a pass of
-    experts.quant.WIDE_MIN_ROWS rows or more reads the wide copy."""
+    pass wider than experts.quant.PACKED_MAX_ROWS (fp16) or NARROW_MAX_ROWS (int8/int4 on a CPU without bf16 dot
+    products) reads the fp32 weights, and on an AMX CPU a pass of experts.quant.WIDE_MIN_ROWS rows or more reads the
+    wide copy."""
     dense_mask: torch.Tensor | None = None
     """[N, U*r] gate weight of each row for each stacked slot, repeated over the rank (stacked/compact)."""
     slot_ids: torch.Tensor | None = None

@@ -25,8 +25,7 @@ oneDNN on AMX-BF16), that passes of WIDE_MIN_ROWS rows or more read (batched dec
 not use AMX and falls behind from 8 rows on there (WIDE_MODE).
 
 Memory: the packed copy sits beside the fp32 model (and the wide copy on AMX: 212 MB for SmolLM2's decoder). torch
-2.13 flags the fbgemm fp16 ops as deprecated: a torch without them serves `auto` as `none` on a CPU without bf16
-dot products.
+2.13 flags the fbgemm fp16 ops as deprecated: a torch without them serves `auto` as `none` on an AVX2 CPU.
 """
 
 from __future__ import annotations
@@ -58,8 +57,8 @@ PACKED_MAX_ROWS = 40
 GEMM unpacks weights per call and beat fp32 sgemm on the 2-core AVX2 CPU it was chosen on only while the pass was
 bound by weight bytes: SmolLM2's decoder matmuls ran 4.9x faster at 1 row, 1.4x at 16, 1.1x at 32, and slower from
 64 on (0.83x; 0.71x at 640, a batched prefill). Wider passes (prefills, NLL scoring) read the fp32 weights, which
-stay anyway. The bf16-input modes (int8, int4; CPUs with bf16 dot products only) beat fp32 at every width measured
-(int4 6.2x at 1 row, 1.7x at 448 on a 2-core AVX512-BF16 EPYC) and have no limit."""
+stay anyway. On CPUs with bf16 dot products the bf16-input modes (int8, int4) beat fp32 at every width measured
+(int4 6.2x at 1 row, 1.7x at 448 on a 2-core AVX512-BF16 EPYC) and have no limit; without them, NARROW_MAX_ROWS."""
 
 
 NARROW_MAX_ROWS = 32

@@ -6,7 +6,7 @@ what it cannot run.
 Tolerances on the logits of the tiny random Llama (logits within about +-1.1), about 3x the measured worst case:
 fp16 weights with fp32 inputs 1e-3 (measured 2e-4); int8 weights per row with bf16 inputs 0.02 (7e-3); 4-bit
 weights in groups of 32 with bf16 inputs 0.2 (0.08: the tiny model's random weights are the worst case for 4 bits,
-a trained model's answer NLL is bench.cpu_anchor's figure). int8/int4 run only on a CPU with bf16 dot products."""
+a trained model's answer NLL is bench.cpu_anchor's figure). int8/int4 run only on an AVX512 CPU (as served)."""
 
 from __future__ import annotations
 
@@ -29,8 +29,8 @@ from experts.quant import (
     Int8DynamicLinear,
     Int8Linear,
     PackedLinear,
-    low_bit_cpu,
     fbgemm_available,
+    low_bit_cpu,
     refuse_quantized,
     resolve_quant,
 )

@@ -1,4 +1,4 @@
-"""`moe expert ...`: add (train or import), list, retire, activate."""
+"""`moe expert ...`: add (train or import), prompts, list, retire, activate."""
 
 from __future__ import annotations
 
@@ -131,6 +131,33 @@ def _set_status(ctx: Context, name: str, status: str) -> int:
     return 0
 
 
+def cmd_expert_prompts(ctx: Context, args: argparse.Namespace) -> int:
+    """Add routing prompts to a registered expert, then retrain the router (unless --no-router): how a domain that
+    borders others (hr beside legal and finance) reaches more of its traffic; the router's verdict advises it when
+    a new label takes less than 90% of its held-out prompts. The prompts are split into train and validation as at
+    registration and train as new rows, not replayed from the active router (pipelines.train_router)."""
+    from core.text import text_key
+    from experts.data import load_texts
+    from experts.seed import split_texts
+    from pipelines.train_router import ADDED_PROMPTS_SOURCE
+    from registry import repository as repo
+
+    texts = load_texts(args.prompts)  # exists, well formed, not empty: before the registry changes
+    with ctx.sessions.begin() as session:
+        repo.require_expert(session, args.name)
+        known = {text_key(row.text) for row in repo.routing_examples(session, [args.name])}
+        fresh = list(dict.fromkeys(t for t in texts if text_key(t) not in known))
+        train, val = split_texts(fresh)
+        repo.add_routing_examples(session, args.name, train, "train", ADDED_PROMPTS_SOURCE)
+        repo.add_routing_examples(session, args.name, val, "val", ADDED_PROMPTS_SOURCE)
+    print(f"expert {args.name}: {len(train)} training and {len(val)} validation routing prompts added "
+          f"({len(texts) - len(fresh)} already known)")
+    if args.no_router or not fresh:
+        print("router not retrained: `moe router train` learns the prompts")
+        return 0
+    return cmd_router_train(ctx, argparse.Namespace(promote="auto"))
+
+
 def cmd_expert_retire(ctx: Context, args: argparse.Namespace) -> int:
     from registry.models import ExpertStatus
 
@@ -159,6 +186,12 @@ def add_parsers(sub: argparse._SubParsersAction, common: argparse.ArgumentParser
     listing.add_argument("--json", action="store_true", help="print one JSON list of objects instead of a table")
     listing.add_argument("--hours", type=positive_float, default=24.0, help="traffic window in hours (default 24)")
     listing.set_defaults(func=cmd_expert_list)
+    prompts = expert.add_parser("prompts", parents=[common], help="add routing prompts to an expert and retrain "
+                                "the router (what a verdict below 90%% for a new expert asks for)")
+    prompts.add_argument("name")
+    prompts.add_argument("--prompts", type=Path, required=True, help="JSONL of {'text'} routing prompts")
+    prompts.add_argument("--no-router", action="store_true", help="do not retrain the router afterwards")
+    prompts.set_defaults(func=cmd_expert_prompts)
     retire = expert.add_parser("retire", parents=[common], help="stop serving and routing to it (history kept)")
     retire.add_argument("name")
     retire.set_defaults(func=cmd_expert_retire)

@@ -49,12 +49,19 @@ prompts) although those candidates kept every old expert's recall, so the user g
 reached at all (docs/design-notes.md, bordering domains)."""
 NEW_RECALL_ADVICE = 0.9
 """Below this share a promoted new label's verdict says where the rest of its held-out prompts go and that more
-routing prompts (`moe expert add --prompts FILE`) would raise it."""
+routing prompts (`moe expert prompts NAME --prompts FILE`) would raise it."""
 MAX_ACCURACY_DROP = 0.005
 """A candidate's held-out accuracy may trail the active router's by at most this much. The validation split is
 the seed prompts' (3,000+), where one standard error is about 0.35 points: a strict `>=` turned retrains that fix
 real traffic from feedback into coin flips over three prompts, while each expert's recall stays guarded by
 MAX_RECALL_DROP."""
+
+ADDED_PROMPTS_SOURCE = "prompts:cli"
+"""Source of routing prompts added to a registered expert (`moe expert prompts`). Like feedback labels ("log:..."),
+they train as new rows on a warm start: replayed and distilled from the active router, they could not change
+what it does."""
+NEW_ROW_SOURCES = ("log:", "prompts:")
+"""Source prefixes of rows a warm start trains as new even when their label is known (training_rows)."""
 
 Encode = Callable[[Sequence[str], FeatureSpec], torch.Tensor]
 """(texts, spec) -> features [N, F] in the layout `spec` names."""
@@ -185,10 +192,12 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
             if stats["recall"] < MIN_NEW_RECALL:
                 ok = False
                 reasons.append(f"new label {label} recall {stats['recall']:.3f} < {MIN_NEW_RECALL}"
-                               f"{elsewhere(candidate, label)}")
+                               f"{elsewhere(candidate, label)}; add routing prompts for it (`moe expert prompts "
+                               f"{label} --prompts FILE`)")
             elif stats["recall"] < NEW_RECALL_ADVICE:
                 reasons.append(f"new label {label} recall {stats['recall']:.3f}{elsewhere(candidate, label)}; "
-                               f"more routing prompts for it (--prompts FILE) would raise it")
+                               f"more routing prompts for it (`moe expert prompts {label} --prompts FILE`) would "
+                               "raise it")
             continue
         before = active["per_label"].get(label)
         if before and label == BASE:
@@ -241,13 +250,13 @@ class TrainingRows:
 
 def training_rows(train: LabelledSet, known_labels: Sequence[str] | None, config: RouterTrainConfig) -> TrainingRows:
     """Cold start (`known_labels` None): every row, and noisy variants for up to `augment_per_label` per label.
-    Warm start: the new rows (log labels, a new expert's prompts) all, each with a noisy variant; of the replayed
-    seed rows a fixed hash-chosen `replay_per_label` per label, without variants. The active gate already fits
-    the seed rows and distillation keeps its answers on those replayed; the full replay cost a backbone pass
-    per seed prompt on the first retrain (about 20,000 on the real-text data, 10-18 min on 2 CPU cores)."""
+    Warm start: the new rows (log labels, added prompts, a new expert's prompts) all, each with a noisy variant;
+    of the replayed seed rows a fixed hash-chosen `replay_per_label` per label, without variants. The active gate
+    already fits the seed rows and distillation keeps its answers on those replayed; the full replay cost a backbone
+    pass per seed prompt on the first retrain (about 20,000 on the real-text data, 10-18 min on 2 CPU cores)."""
     if known_labels is None:
         return TrainingRows(train, rows_per_label(train, config.augment_per_label), [False] * len(train.texts))
-    replay = [not source.startswith("log:") and label in known_labels
+    replay = [not source.startswith(NEW_ROW_SOURCES) and label in known_labels
               for source, label in zip(train.sources, train.labels, strict=True)]
     replay_rows = [i for i, replayed in enumerate(replay) if replayed]
     new_rows = [i for i, replayed in enumerate(replay) if not replayed]

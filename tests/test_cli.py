@@ -149,6 +149,34 @@ def test_expert_add_refuses_bad_input_before_the_backbone(home, tmp_path, capsys
     assert "already exists" in refused(capsys, "expert", "add", "hr", "--data", str(good))
 
 
+def test_expert_prompts_adds_routing_prompts_to_a_registered_expert(home, tmp_path, capsys):
+    """`moe expert prompts NAME --prompts FILE`: unknown experts and bad files are refused before anything changes;
+    new prompts are split into train and validation as at registration, texts it already has are skipped, and they
+    carry the source that makes a warm start train them as new rows."""
+    from experts.seed import split_texts
+    from pipelines.train_router import ADDED_PROMPTS_SOURCE, NEW_ROW_SOURCES
+
+    texts = [f"how many days of annual leave do I have left, question {i}" for i in range(12)]
+    prompts = tmp_path / "hr_prompts.jsonl"
+    prompts.write_text("".join(json.dumps({"text": t}) + "\n" for t in texts))
+    broken = tmp_path / "broken.jsonl"
+    broken.write_text('{"text": "ok"}\n{"nope": 1}\n')
+    assert "does not exist" in refused(capsys, "expert", "prompts", "hr", "--prompts", str(prompts))
+    with session_factory(Settings(home=home)).begin() as session:
+        repo.add_expert(session, "hr", "people")
+        repo.add_routing_examples(session, "hr", texts[:2], "train", "data")
+    assert "line 2" in refused(capsys, "expert", "prompts", "hr", "--prompts", str(broken))
+    assert main(["expert", "prompts", "hr", "--prompts", str(prompts), "--no-router"], load_backbone=never_load) == 0
+    train, val = split_texts(texts[2:])
+    assert (f"expert hr: {len(train)} training and {len(val)} validation routing prompts added (2 already known)"
+            in capsys.readouterr().out)
+    with session_factory(Settings(home=home))() as session:
+        rows = [r for r in repo.routing_examples(session, ["hr"]) if r.source == ADDED_PROMPTS_SOURCE]
+    assert sorted(r.text for r in rows if r.split == "train") == sorted(train)
+    assert sorted(r.text for r in rows if r.split == "val") == sorted(val)
+    assert ADDED_PROMPTS_SOURCE.startswith(NEW_ROW_SOURCES)
+
+
 def test_routing_commands_refuse_before_the_backbone(home, tmp_path, capsys):
     texts = tmp_path / "in.jsonl"
     texts.write_text('{"text": "hello"}\n')

@@ -131,6 +131,24 @@ def test_cli_route_and_eval_qa(live, tmp_path):
     assert failed.returncode == 2 and "line 2" in failed.stderr and failed.stderr.count("\n") == 1
 
 
+def _register_expert(live, body: dict, timeout_s: float) -> dict:
+    """`POST /admin/experts` and wait for the job; returns the succeeded job."""
+    import httpx
+
+    auth = {"Authorization": f"Bearer {ADMIN}"}
+    response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json=body)
+    assert response.status_code == 202, response.text
+    job_id = response.json()["job_id"]
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        job = httpx.get(f"{live['url']}/admin/jobs/{job_id}", headers=auth, timeout=30).json()
+        if job["status"] in ("succeeded", "failed"):
+            break
+        time.sleep(2)
+    assert job["status"] == "succeeded", job
+    return job
+
+
 def test_register_fifth_domain_under_steady_traffic(live):
     """A new domain (a farmers' cooperative advisory desk) trained from a small dataset goes live in a
     running service under traffic."""
@@ -156,22 +174,12 @@ def test_register_fifth_domain_under_steady_traffic(live):
                 i += 1
                 stop.wait(1.5)  # steady, light traffic: the job's training shares these two cores
 
-    auth = {"Authorization": f"Bearer {ADMIN}"}
     thread = threading.Thread(target=traffic, daemon=True)
     thread.start()
     try:
-        response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json={
+        job = _register_expert(live, {
             "name": "agronomy", "description": "Crops, soil, livestock and farm practice", "epochs": 1,
-            "data_path": str(DATA / "agronomy.jsonl"), "prompts_path": str(DATA / "agronomy_prompts.jsonl")})
-        assert response.status_code == 202, response.text
-        job_id = response.json()["job_id"]
-        deadline = time.monotonic() + 1500
-        while time.monotonic() < deadline:
-            job = httpx.get(f"{live['url']}/admin/jobs/{job_id}", headers=auth, timeout=30).json()
-            if job["status"] in ("succeeded", "failed"):
-                break
-            time.sleep(2)
-        assert job["status"] == "succeeded", job
+            "data_path": str(DATA / "agronomy.jsonl"), "prompts_path": str(DATA / "agronomy_prompts.jsonl")}, 1500)
         assert job["result"]["eval_loss_expert"] < job["result"]["eval_loss_base"]
         assert job["result"]["router_promoted"], job["result"]["router_reasons"]
         time.sleep(4)  # pool sync and router refresh both poll every 2 s
@@ -195,22 +203,14 @@ def test_register_a_bordering_domain(live):
     the old 90% new-label rule it was rejected and no request reached it (docs/design-notes.md)."""
     import httpx
 
-    auth = {"Authorization": f"Bearer {ADMIN}"}
-    response = httpx.post(live["url"] + "/admin/experts", headers=auth, timeout=30, json={
+    job = _register_expert(live, {
         "name": "hr", "description": "Employees' questions to HR: pay, leave, benefits, payslips, the HR portal",
-        "epochs": 1, "data_path": str(DATA / "hr.jsonl")})
-    assert response.status_code == 202, response.text
-    job_id = response.json()["job_id"]
-    deadline = time.monotonic() + 900
-    while time.monotonic() < deadline:
-        job = httpx.get(f"{live['url']}/admin/jobs/{job_id}", headers=auth, timeout=30).json()
-        if job["status"] in ("succeeded", "failed"):
-            break
-        time.sleep(2)
-    assert job["status"] == "succeeded", job
+        "epochs": 1, "data_path": str(DATA / "hr.jsonl")}, 900)
     reasons = job["result"]["router_reasons"]
     assert job["result"]["router_promoted"], reasons
     assert not any("recall" in r and "dropped" in r for r in reasons), reasons
+    advice = [r for r in reasons if r.startswith("new label hr recall")]  # below 90%: where the rest went, and how
+    assert not advice or ("others went to" in advice[0] and "moe expert prompts hr" in advice[0]), advice
     time.sleep(4)  # router refresh polls every 2 s
     unseen = [json.loads(line)["text"] for line in (DATA / "hr_unseen.jsonl").read_text().splitlines()]
     routed = [httpx.post(live["url"] + "/v1/route", json={"text": t}, timeout=30).json()["experts"][0]["name"]

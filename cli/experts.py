@@ -132,28 +132,18 @@ def _set_status(ctx: Context, name: str, status: str) -> int:
 
 
 def cmd_expert_prompts(ctx: Context, args: argparse.Namespace) -> int:
-    """Add routing prompts to a registered expert, then retrain the router (unless --no-router): how a domain that
-    borders others (hr beside legal and finance) reaches more of its traffic; the router's verdict advises it when
-    a new label takes less than 90% of its held-out prompts. The prompts are split into train and validation as at
-    registration and train as new rows, not replayed from the active router (pipelines.train_router)."""
-    from core.text import text_key
     from experts.data import load_texts
-    from experts.seed import split_texts
-    from pipelines.train_router import ADDED_PROMPTS_SOURCE
-    from registry import repository as repo
+    from pipelines.routing_prompts import add_routing_prompts
 
     texts = load_texts(args.prompts)  # exists, well formed, not empty: before the registry changes
-    with ctx.sessions.begin() as session:
-        repo.require_expert(session, args.name)
-        known = {text_key(row.text) for row in repo.routing_examples(session, [args.name])}
-        fresh = list(dict.fromkeys(t for t in texts if text_key(t) not in known))
-        train, val = split_texts(fresh)
-        repo.add_routing_examples(session, args.name, train, "train", ADDED_PROMPTS_SOURCE)
-        repo.add_routing_examples(session, args.name, val, "val", ADDED_PROMPTS_SOURCE)
-    print(f"expert {args.name}: {len(train)} training and {len(val)} validation routing prompts added "
-          f"({len(texts) - len(fresh)} already known)")
-    if args.no_router or not fresh:
-        print("router not retrained: `moe router train` learns the prompts")
+    added = add_routing_prompts(ctx.sessions, args.name, texts)
+    print(f"expert {args.name}: {added.train} training and {added.val} validation routing prompts added "
+          f"({added.known} already known)")
+    if not added.train + added.val:
+        print("nothing new: the router is unchanged")
+        return 0
+    if args.no_router:
+        print("router not retrained (--no-router): `moe router train` learns the prompts")
         return 0
     return cmd_router_train(ctx, argparse.Namespace(promote="auto"))
 

@@ -56,12 +56,9 @@ the seed prompts' (3,000+), where one standard error is about 0.35 points: a str
 real traffic from feedback into coin flips over three prompts, while each expert's recall stays guarded by
 MAX_RECALL_DROP."""
 
-ADDED_PROMPTS_SOURCE = "prompts:cli"
-"""Source of routing prompts added to a registered expert (`moe expert prompts`). Like feedback labels ("log:..."),
-they train as new rows on a warm start: replayed and distilled from the active router, they could not change
-what it does."""
 NEW_ROW_SOURCES = ("log:", "prompts:")
-"""Source prefixes of rows a warm start trains as new even when their label is known (training_rows)."""
+"""Source prefixes of rows a warm start trains as new even when their label is known (training_rows): feedback
+labels and prompts added to a registered expert (pipelines.routing_prompts)."""
 
 Encode = Callable[[Sequence[str], FeatureSpec], torch.Tensor]
 """(texts, spec) -> features [N, F] in the layout `spec` names."""

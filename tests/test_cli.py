@@ -154,7 +154,8 @@ def test_expert_prompts_adds_routing_prompts_to_a_registered_expert(home, tmp_pa
     new prompts are split into train and validation as at registration, texts it already has are skipped, and they
     carry the source that makes a warm start train them as new rows."""
     from experts.seed import split_texts
-    from pipelines.train_router import ADDED_PROMPTS_SOURCE, NEW_ROW_SOURCES
+    from pipelines.routing_prompts import ADDED_PROMPTS_SOURCE
+    from pipelines.train_router import NEW_ROW_SOURCES
 
     texts = [f"how many days of annual leave do I have left, question {i}" for i in range(12)]
     prompts = tmp_path / "hr_prompts.jsonl"
@@ -175,6 +176,9 @@ def test_expert_prompts_adds_routing_prompts_to_a_registered_expert(home, tmp_pa
     assert sorted(r.text for r in rows if r.split == "train") == sorted(train)
     assert sorted(r.text for r in rows if r.split == "val") == sorted(val)
     assert ADDED_PROMPTS_SOURCE.startswith(NEW_ROW_SOURCES)
+    assert main(["expert", "prompts", "hr", "--prompts", str(prompts)], load_backbone=never_load) == 0  # no retrain
+    out = capsys.readouterr().out
+    assert "0 training and 0 validation routing prompts added (12 already known)" in out and "nothing new" in out
 
 
 def test_routing_commands_refuse_before_the_backbone(home, tmp_path, capsys):

@@ -358,7 +358,8 @@ def test_small_labels_get_every_row_augmented_big_ones_a_fixed_share():
 
 
 def test_warm_start_replays_a_capped_fixed_share_and_keeps_every_new_row():
-    from pipelines.train_router import ADDED_PROMPTS_SOURCE, LabelledSet, training_rows
+    from pipelines.routing_prompts import ADDED_PROMPTS_SOURCE
+    from pipelines.train_router import LabelledSet, training_rows
     from router.training import RouterTrainConfig
 
     train = LabelledSet()

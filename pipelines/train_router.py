@@ -188,9 +188,11 @@ def compare(candidate: dict, active: dict | None, new_labels: Sequence[str]) -> 
         if label in new_labels:
             if stats["recall"] < MIN_NEW_RECALL:
                 ok = False
+                # the candidate is judged whole: until this label passes or is retired, retrains stop here too
                 reasons.append(f"new label {label} recall {stats['recall']:.3f} < {MIN_NEW_RECALL}"
                                f"{elsewhere(candidate, label)}; add routing prompts for it (`moe expert prompts "
-                               f"{label} --prompts FILE`)")
+                               f"{label} --prompts FILE`) or retire it (`moe expert retire {label}`): until then "
+                               "every router retrain includes it")
             elif stats["recall"] < NEW_RECALL_ADVICE:
                 reasons.append(f"new label {label} recall {stats['recall']:.3f}{elsewhere(candidate, label)}; "
                                f"more routing prompts for it (`moe expert prompts {label} --prompts FILE`) would "

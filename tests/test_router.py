@@ -185,7 +185,8 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     assert compare(metrics(0.896, a=0.95, b=0.90, base=0.90), active, [])[0]  # within the noise of the split
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.40, base=0.90), active, ["c"])
     assert not ok and reasons == ["new label c recall 0.400 < 0.5; add routing prompts for it (`moe expert prompts c "
-                                  "--prompts FILE`)"]  # most of its prompts go elsewhere
+                                  "--prompts FILE`) or retire it (`moe expert retire c`): until then every router "
+                                  "retrain includes it"]  # most of its prompts go elsewhere
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
     assert ok and reasons[0] == ("new label c recall 0.850; more routing prompts for it (`moe expert prompts c "
                                  "--prompts FILE`) would raise it")

@@ -174,10 +174,11 @@ def pick_abstain_threshold(confidence: np.ndarray, correct: np.ndarray, max_reca
     return float(right[allowed]) if allowed > 0 else float(max(0.0, right[0] - 1e-6))
 
 
-def evaluate(router: Router, features: torch.Tensor, labels: torch.Tensor) -> dict:
-    """Top-1 accuracy (abstentions count as 'base'), per-label precision and recall, ECE, confusion matrix."""
+def evaluate(router: Router, features: torch.Tensor, labels: torch.Tensor, allowed: set[str] | None = None) -> dict:
+    """Top-1 accuracy (abstentions count as 'base'), per-label precision and recall, ECE, confusion matrix.
+    `allowed`: the columns serving would route to (unrouted experts masked, as Router.decide masks them)."""
     names = router.labels
-    decisions = router.decide(features, top_k=1)
+    decisions = router.decide(features, top_k=1, allowed=allowed)
     predicted = np.array([names.index(d.experts[0][0]) for d in decisions])
     truth = labels.numpy()
     confidence = np.array([d.confidence for d in decisions])

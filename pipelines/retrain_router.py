@@ -3,7 +3,7 @@
 Labels come from feedback and forced-expert requests (pipelines.log_labels); the experts' own training
 prompts are replayed so nothing is forgotten. The candidate and the active router are evaluated on the
 same held-out set (held-out log labels plus the experts' validation prompts) and the candidate is promoted
-only when it wins (pipelines.train_router.compare).
+only when it wins (pipelines.promotion.compare).
 """
 
 from __future__ import annotations

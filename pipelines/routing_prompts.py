@@ -1,7 +1,7 @@
 """Verb: add routing prompts to a registered expert (`moe expert prompts NAME --prompts FILE`).
 
 How a domain that borders others (hr beside legal and finance) reaches more of its traffic: the router's verdict
-asks for it when a new label takes less than 90% of its held-out prompts (pipelines.train_router.compare).
+asks for it when a new label takes less than 90% of its held-out prompts (pipelines.promotion.compare).
 """
 
 from __future__ import annotations

@@ -80,7 +80,7 @@ def test_feedback_fixes_drift_without_hurting_other_experts(env):
     assert after - before >= 0.20, (before, after)
     for label, stats in report.metrics["per_label"].items():
         if label == BASE:
-            continue  # not an expert: guarded by overall accuracy (pipelines.train_router.compare)
+            continue  # not an expert: guarded by overall accuracy (pipelines.promotion.compare)
         previous = report.active_metrics["per_label"][label]["recall"]
         assert stats["recall"] >= previous - 0.02, (label, previous, stats["recall"])
 

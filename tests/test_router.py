@@ -212,7 +212,7 @@ def test_feature_cache_encodes_only_new_texts(tmp_path):
 
 
 def test_promotion_rule_guards_experts_new_labels_and_accuracy():
-    from pipelines.train_router import compare
+    from pipelines.promotion import compare
 
     def metrics(accuracy, **recall):
         return {"accuracy": accuracy, "per_label": {k: {"recall": v, "support": 10} for k, v in recall.items()}}
@@ -227,7 +227,7 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.40, base=0.90), active, ["c"])
     assert not ok and reasons == ["new label c recall 0.400 < 0.5"]  # most of its prompts go elsewhere
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.0, base=0.90), active, [], held=["c"])
-    assert ok  # a label held back (it stays unrouted: pipelines.train_router.held_back) is not judged here
+    assert ok  # a label held back (it stays unrouted: pipelines.promotion.held_back) is not judged here
     ok, reasons = compare(metrics(0.92, a=0.95, b=0.90, c=0.85, base=0.90), active, ["c"])
     assert ok and reasons[0] == ("new label c recall 0.850; more routing prompts for it (`moe expert prompts c "
                                  "--prompts FILE`) would raise it")
@@ -237,7 +237,7 @@ def test_promotion_rule_guards_experts_new_labels_and_accuracy():
 def test_a_bordering_expert_may_take_part_of_an_old_domain():
     """A new expert beside an old one (tax beside finance) takes that domain's prompts about it by design; the
     old expert's recall is judged on the rest, which must not drift to other columns."""
-    from pipelines.train_router import compare
+    from pipelines.promotion import compare
 
     def metrics(rows: dict[str, list[int]]):  # truth -> counts routed to [a, b, c, base]
         names = list(rows)
@@ -257,7 +257,7 @@ def test_a_bordering_expert_may_take_part_of_an_old_domain():
     lost = metrics({"a": [10, 0, 0, 0], "b": [0, 9, 0, 1], "c": [6, 0, 4, 0], "base": [0, 1, 0, 9]})
     ok, reasons = compare(lost, active, ["c"])
     assert not ok and reasons[0] == "new label c recall 0.400 < 0.5 (others went to a 6)"
-    from pipelines.train_router import held_back, held_back_reason
+    from pipelines.promotion import held_back, held_back_reason
 
     assert held_back(lost, ["c"]) == ["c"] and held_back(weak, ["c"]) == []
     assert held_back_reason(lost, "c") == ("c stays unrouted: new label recall 0.400 < 0.5 (others went to a 6); add "

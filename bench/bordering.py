@@ -26,6 +26,7 @@ import torch
 
 from bench.quality import OUT_OF_DOMAIN, DevQuery, load_routing, routing_scores, scratch_service
 from core.settings import Settings
+from experts.data import load_examples, load_texts
 from experts.seed import split_texts
 from registry import repository as repo
 from registry.models import ExpertStatus
@@ -38,11 +39,9 @@ DOMAINS = ("hr", "tax", "insurance")
 
 
 def load_domain(name: str) -> tuple[list[str], list[str]]:
-    """(the pairs' prompts, the unseen prompts) of a bordering domain."""
-    pairs = [json.loads(line)["prompt"] for line in (DATA / f"{name}.jsonl").read_text().splitlines() if line.strip()]
-    unseen = [json.loads(line)["text"] for line in (DATA / f"{name}_unseen.jsonl").read_text().splitlines()
-              if line.strip()]
-    return pairs, unseen
+    """(the pairs' routing texts, as `moe expert add` reads them; the unseen prompts) of a bordering domain."""
+    pairs = [example.routing_text for example in load_examples(DATA / f"{name}.jsonl")]
+    return pairs, load_texts(DATA / f"{name}_unseen.jsonl")
 
 
 def routes(router: Router, features: torch.Tensor, held: set[str]) -> list[str]:
@@ -71,7 +70,8 @@ def measure(name: str, dev: list[DevQuery]) -> dict:
         encode = backbone_encoder(local, backbone)
         report = train_router(local, sessions, encode, backbone.fingerprint)  # promoted in the scratch home only
         candidate = Router.load(Path(report.path))
-        held = {name} if any(r.startswith(f"{name} stays unrouted") for r in report.reasons) else set()
+        with sessions() as session:  # a held-back label stays unrouted: serving masks its column
+            held = {name} if repo.require_expert(session, name).status == ExpertStatus.UNROUTED else set()
         spec = candidate.config.spec
         unseen_x, dev_x = encode(unseen, spec), encode([q.text for q in dev], spec)
         served, column = routes(candidate, unseen_x, held), routes(candidate, unseen_x, set())
